@@ -1,0 +1,129 @@
+"""Meta-weight files: save, load with format/version/shape checks, and the shipped defaults.
+
+A file is a ``torch.save`` of ``{"format", "version", "architecture", "meta_params",
+"provenance"}``; it is read with ``weights_only=True`` so a file cannot run code.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mulo.functional import META_SHAPES, init_meta_params
+
+FORMAT = "mulo-meta-weights"
+VERSION = 1
+ARCHITECTURE = "small_fc_lopt"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEFAULT_NAMES = {"mup": "mulo_m", "sp": "splo_m"}
+INIT_SEED = 0
+
+
+class MetaWeightsError(ValueError):
+    """A meta-weight file that is missing, corrupt or does not fit small_fc_lopt."""
+
+
+def save_meta_weights(path: str | Path, meta: dict[str, Tensor], provenance: dict | None = None):
+    check_meta_params(meta, str(path))
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "architecture": ARCHITECTURE,
+        "meta_params": {k: v.detach().cpu().float().clone() for k, v in meta.items()},
+        "provenance": dict(provenance or {}),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)  # atomic: a crash never leaves a half-written file under the real name
+
+
+def available() -> list[str]:
+    """Names of the meta-weights shipped inside the package."""
+    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.pt"))
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".pt" or path.exists() or len(path.parts) > 1:
+        if not path.is_file():
+            raise MetaWeightsError(f"meta-weights file not found: {path}")
+        return path
+    shipped = WEIGHTS_DIR / f"{name_or_path}.pt"
+    if not shipped.is_file():
+        names = ", ".join(available()) or "none shipped yet"
+        raise MetaWeightsError(
+            f"unknown meta-weights {str(name_or_path)!r}: pass a .pt path or one of: {names}"
+        )
+    return shipped
+
+
+def load_meta_weights(name_or_path: str | Path) -> tuple[dict[str, Tensor], dict]:
+    """(meta_params, provenance) from a shipped name or a file path."""
+    path = resolve(name_or_path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unpickling failure is a corrupt file to the user
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MetaWeightsError(f"cannot read meta-weights {path}: {first_line}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise MetaWeightsError(f"{path} is not a mulo meta-weights file (format != {FORMAT!r})")
+    if payload.get("version") != VERSION:
+        raise MetaWeightsError(
+            f"{path} has meta-weights format version {payload.get('version')!r}; "
+            f"this mulo reads version {VERSION}"
+        )
+    if payload.get("architecture") != ARCHITECTURE:
+        raise MetaWeightsError(
+            f"{path} holds {payload.get('architecture')!r} weights, expected {ARCHITECTURE!r}"
+        )
+    meta = payload.get("meta_params")
+    check_meta_params(meta, str(path))
+    return {k: meta[k].float() for k in META_SHAPES}, dict(payload.get("provenance") or {})
+
+
+def check_meta_params(meta, where: str) -> None:
+    if not isinstance(meta, dict):
+        raise MetaWeightsError(f"{where}: meta_params must be a dict of tensors")
+    missing = sorted(set(META_SHAPES) - set(meta))
+    extra = sorted(set(meta) - set(META_SHAPES))
+    if missing or extra:
+        raise MetaWeightsError(
+            f"{where}: meta_params keys mismatch (missing {missing}, extra {extra})"
+        )
+    for name, shape in META_SHAPES.items():
+        t = meta[name]
+        if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise MetaWeightsError(f"{where}: {name} has shape {got}, expected {shape}")
+        if not torch.isfinite(t).all():
+            raise MetaWeightsError(f"{where}: {name} holds non-finite values")
+
+
+_warned: set[str] = set()
+
+
+def default_meta_weights(parametrization: str) -> tuple[dict[str, Tensor], dict]:
+    """The shipped default for μP ("mup") or SP ("sp"); until it ships, the seeded
+    meta-initialisation with a one-time warning."""
+    name = DEFAULT_NAMES[parametrization]
+    if (WEIGHTS_DIR / f"{name}.pt").is_file():
+        return load_meta_weights(name)
+    if name not in _warned:
+        _warned.add(name)
+        warnings.warn(
+            f"no meta-trained weights {name!r} ship with this mulo yet: using the untrained "
+            "meta-initialisation (pass meta_weights=... to load a trained file)",
+            stacklevel=4,
+        )
+    meta = init_meta_params(generator=torch.Generator().manual_seed(INIT_SEED))
+    return meta, {"name": "meta-init", "seed": INIT_SEED, "num_meta_params": _count(meta)}
+
+
+def _count(meta: dict[str, Tensor]) -> int:
+    return sum(math.prod(t.shape) for t in meta.values())

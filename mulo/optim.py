@@ -1,0 +1,132 @@
+"""MuLO and SPLO: small_fc_lopt as drop-in ``torch.optim.Optimizer`` subclasses.
+
+The classes are thin shells: each step hands every parameter, as a population of one, to
+``mulo.functional.lo_step_``. The per-tensor update scale s_W comes from ``parametrizations``
+once, when the optimizer is built, and is kept as a plain float in the parameter's state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+import parametrizations
+from mulo import functional as LF
+from mulo.meta_weights import check_meta_params, default_meta_weights, load_meta_weights
+
+MetaWeights = str | Path | dict[str, Tensor] | None
+
+
+class LearnedOptimizer(torch.optim.Optimizer):
+    """small_fc_lopt behind the ``torch.optim`` contract.
+
+    Args:
+        params: an ``nn.Module`` (roles and s_W are inferred from it) or an iterable of
+            tensors / param groups (then each tensor's s_W comes from its mup ``infshape``).
+        meta_weights: a shipped name, a ``.pt`` path, a dict of meta-parameters, or None for
+            this class's default.
+        lr: multiplies every step (1.0 is the meta-trained step); schedulers may change it.
+        weight_decay: decoupled, ``p <- p - lr * weight_decay * p`` before the learned step.
+        roles: per-name role overrides when ``params`` is a module, e.g. ``{"pos": "input"}``.
+        chunk_size: elements per chunk of the fused step (bounds the extra memory).
+    """
+
+    parametrization: str = "mup"
+    step_mult: float = LF.STEP_MULT_MU
+
+    def __init__(
+        self,
+        params: nn.Module | Iterable,
+        meta_weights: MetaWeights = None,
+        lr: float = 1.0,
+        weight_decay: float = 0.0,
+        roles: dict[str, str] | None = None,
+        chunk_size: int = LF.DEFAULT_CHUNK_SIZE,
+    ):
+        if lr < 0 or weight_decay < 0:
+            raise ValueError(f"lr and weight_decay must be >= 0, got {lr} and {weight_decay}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        par = parametrizations.get(self.parametrization)
+        if isinstance(params, nn.Module):
+            scales = par.update_scales(params, overrides=roles)
+            named = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
+            params = [p for _, p in named]
+            scale_of = {id(p): scales[n] for n, p in named}
+        else:
+            if roles is not None:
+                raise ValueError("roles= needs the model: pass the nn.Module, not its parameters")
+            params = list(params)
+            scale_of = None
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        for group in self.param_groups:
+            for p in group["params"]:
+                s = scale_of[id(p)] if scale_of is not None else par.tensor_scale(p)
+                self.state[p]["scale"] = float(s)
+        self.meta, self.provenance = _resolve_meta(meta_weights, self.parametrization)
+        self.chunk_size = chunk_size
+        self._meta_cache: dict[tuple, dict[str, Tensor]] = {}
+
+    def _meta_for(self, p: Tensor) -> dict[str, Tensor]:
+        key = (p.device, p.dtype)
+        if key not in self._meta_cache:
+            self._meta_cache[key] = {
+                k: v.to(device=p.device, dtype=p.dtype).unsqueeze(0) for k, v in self.meta.items()
+            }
+        return self._meta_cache[key]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state[p]
+                if "mv" not in state:
+                    state.update(LF.init_state(p.unsqueeze(0)).to_dict())
+                if wd != 0:
+                    p.mul_(1 - lr * wd)
+                LF.lo_step_(
+                    self._meta_for(p),
+                    LF.LOState.from_dict(state),
+                    p.unsqueeze(0),
+                    p.grad.unsqueeze(0),
+                    scale=state["scale"],
+                    step_mult=self.step_mult,
+                    lr=lr,
+                    chunk_size=self.chunk_size,
+                )
+        return loss
+
+
+class MuLO(LearnedOptimizer):
+    """μLO: small_fc_lopt with μP update scales (s_W = 1/fan_in for hidden weights)."""
+
+    parametrization = "mup"
+    step_mult = LF.STEP_MULT_MU
+
+
+class SPLO(LearnedOptimizer):
+    """SP-LO: small_fc_lopt with s_W = 1 for every tensor."""
+
+    parametrization = "sp"
+    step_mult = LF.STEP_MULT_SP
+
+
+def _resolve_meta(meta_weights: MetaWeights, parametrization: str):
+    if meta_weights is None:
+        return default_meta_weights(parametrization)
+    if isinstance(meta_weights, dict):
+        check_meta_params(meta_weights, "meta_weights")
+        return {k: v.detach().float() for k, v in meta_weights.items()}, {"name": "in-memory"}
+    return load_meta_weights(meta_weights)

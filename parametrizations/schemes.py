@@ -1,0 +1,72 @@
+"""The two parametrizations, μP and SP, and lookup by name."""
+
+from __future__ import annotations
+
+import unicodedata
+
+import torch
+
+from .base import Parametrization
+from .roles import ParametrizationError, Role, fan_in
+
+
+def _check_width(width: int) -> None:
+    if width <= 0:
+        raise ValueError(f"width must be a positive integer, got {width}")
+
+
+class MuP(Parametrization):
+    """μP with absolute fan-in (base width 1), as in μLO: s_W = 1/fan_in for hidden matrices."""
+
+    name = "mup"
+    zero_output = True
+
+    def role_scale(self, role: Role | None, param: torch.Tensor) -> float:
+        return 1.0 / fan_in(param) if role is Role.HIDDEN else 1.0
+
+    def tensor_scale(self, param: torch.Tensor) -> float:
+        infshape = getattr(param, "infshape", None)
+        if infshape is None:
+            raise ParametrizationError(
+                f"a tensor of shape {tuple(param.shape)} has no `infshape`, so its μP role is "
+                "unknown; pass the module instead (e.g. MuLO(model)) or call "
+                "mup.set_base_shapes(model, base) before passing model.parameters()"
+            )
+        return 1.0 / fan_in(param) if infshape.ninf() >= 2 else 1.0
+
+    def output_multiplier(self, width: int, output_mult: float = 1.0) -> float:
+        _check_width(width)
+        return float(output_mult) / width
+
+
+class SP(Parametrization):
+    """Standard parametrization: 1/sqrt(fan_in) init, no multipliers, s_W = 1 for every tensor."""
+
+    name = "sp"
+    needs_roles = False
+
+    def role_scale(self, role: Role | None, param: torch.Tensor) -> float:
+        return 1.0
+
+    def tensor_scale(self, param: torch.Tensor) -> float:
+        return 1.0
+
+    def output_multiplier(self, width: int, output_mult: float = 1.0) -> float:
+        _check_width(width)
+        return 1.0
+
+
+_REGISTRY: dict[str, type[Parametrization]] = {"mup": MuP, "mu": MuP, "μp": MuP, "sp": SP}
+
+
+def get(name: str | Parametrization) -> Parametrization:
+    """Parametrization by name ("mup", aliases "mu"/"μp", or "sp"); instances pass through."""
+    if isinstance(name, Parametrization):
+        return name
+    key = unicodedata.normalize("NFKC", str(name)).strip().lower()  # micro sign µ -> μ
+    cls = _REGISTRY.get(key)
+    if cls is None:
+        raise ParametrizationError(
+            f"unknown parametrization {name!r}; valid names: {', '.join(_REGISTRY)}"
+        )
+    return cls()
