@@ -37,6 +37,7 @@ EXP_MULT = 0.001
 STEP_MULT_MU = 0.01
 STEP_MULT_SP = 0.001
 DEFAULT_CHUNK_SIZE = 1 << 14
+USE_FUSED = True  # oneDNN fused linear+ReLU where available; tests flip it to check both paths
 META_SHAPES = {
     "w1": (HIDDEN, NUM_FEATURES),
     "b1": (HIDDEN,),
@@ -336,8 +337,9 @@ def features(meta: dict[str, Tensor], state: LOState, param: Tensor, grad: Tenso
 def _first_layer(meta: dict[str, Tensor], plan: _Plan, state: LOState, sum_sq: Tensor):
     """Fold normalisation, time features and broadcast channels into the first layer.
 
-    Returns the [P, 32, K] weight applied per element and the list of tensors whose sum is the
-    first layer's pre-activation before that matmul (broadcastable to [P, 32, *S]).
+    Returns the [P, K, 32] weight applied to the per-element channels and the list of
+    tensors, hidden dim last, whose sum is the rest of the first layer's pre-activation
+    (each broadcastable to [P, *S, 32]).
     """
     w1 = meta["w1"]
     nd = len(plan.shape)
@@ -345,15 +347,33 @@ def _first_layer(meta: dict[str, Tensor], plan: _Plan, state: LOState, sum_sq: T
     bias = meta["b1"] + torch.einsum(
         "phf,pf->ph", w1[:, :, NUM_NORMALISED:], time_features(state.t)
     )
-    terms = [_bcast(bias, nd)]
+    terms = [bias.reshape(plan.pop, *([1] * nd), HIDDEN)]
     if plan.dims is not None:
         for acc, idx in ((state.row, MATRIX_ROW_CHANNELS), (state.col, MATRIX_COL_CHANNELS)):
             ch = _broadcast_channels(acc)  # [P, 6, *S_reduced]; uniform broadcast keeps the mean
             inv = _rms_inverse(ch.square().flatten(2).sum(2), ch[0, 0].numel())
             w = w1[:, :, list(idx)] * inv[:, None, :]
-            terms.append(torch.einsum("phc,pc...->ph...", w, ch))
+            terms.append(torch.einsum("phc,pc...->p...h", w, ch))
         terms = [terms[0] + terms[1], terms[2]]
-    return w_elem, terms
+    return w_elem.transpose(1, 2), terms
+
+
+def _fused_linear_relu_available(h: Tensor) -> bool:
+    return (
+        h.shape[0] == 1
+        and h.device.type == "cpu"
+        and h.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def _linear_relu(h: Tensor, w: Tensor, b: Tensor, fused: bool) -> Tensor:
+    """relu(h @ w^T + b) for [P, n, in] inputs. For one particle on CPU this is oneDNN's fused
+    linear + bias + ReLU (the kernel inductor emits), saving a pass over the activations."""
+    if fused:
+        return torch.ops.mkldnn._linear_pointwise(h[0], w[0], b[0], "relu", [], "").unsqueeze(0)
+    return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2)).relu_()
 
 
 def lo_step_(
@@ -374,33 +394,30 @@ def lo_step_(
     p, g = _at_least_1d(param), _at_least_1d(_sanitize(grad))
     plan = _Plan(meta, state, p, g, chunk_size)
     sum_sq = _accumulate_and_measure_(plan, state, p, g)
-    w_elem, terms = _first_layer(meta, plan, state, sum_sq)
-    w2 = torch.cat([meta["w2"], meta["b2"].unsqueeze(2)], dim=2)  # bias via a row of ones
-    w3, b3 = meta["w3"], meta["b3"].unsqueeze(2)
+    w_elem_t, terms = _first_layer(meta, plan, state, sum_sq)
+    w3_t, b3 = meta["w3"].transpose(1, 2), meta["b3"].unsqueeze(1)
     alpha = -lr * scale * step_mult
     k, pop = len(plan.channels), plan.pop
-    workspace, h1_space, h2_space = None, None, None
+    fused = _fused_linear_relu_available(p) and USE_FUSED
+    x_space, h1_space = None, None
     for start, length in plan.chunks:
         cut = plan.slices(start, length)
         pc, gc, mvc, factors = _chunk_views(plan, state, p, g, start, length)
         cshape = pc.shape[1:]
         n = math.prod(cshape)
-        x, workspace = _buffer(workspace, pop, k, cshape, p)
+        # channels are built channel-major (contiguous writes); BLAS reads them transposed
+        x, x_space = _buffer(x_space, pop, k, cshape, p)
         _element_channels_(x, gc, pc, mvc, factors)
-        h1_all, h1_space = _buffer(h1_space, pop, HIDDEN + 1, (n,), p)
-        h1 = h1_all[:, :HIDDEN]
+        h1, h1_space = _buffer(h1_space, pop, n, (HIDDEN,), p)  # element-major [P, n, 32]
+        h1_shaped = h1.view(pop, *cshape, HIDDEN)
         if len(terms) == 1:
-            h1.view(pop, HIDDEN, *cshape).copy_(cut(terms[0], 2))
+            h1_shaped.copy_(terms[0].expand_as(h1_shaped))
         else:
-            torch.add(cut(terms[0], 2), cut(terms[1], 2), out=h1.view(pop, HIDDEN, *cshape))
-        h1.baddbmm_(w_elem, x.view(pop, k, n))
-        h1_all[:, HIDDEN].fill_(1.0)
-        h1_all.relu_()
-        h2, h2_space = _buffer(h2_space, pop, HIDDEN, (n,), p)
-        torch.bmm(w2, h1_all, out=h2)
-        h2.relu_()
-        out = torch.baddbmm(b3, w3, h2)  # [P, 2, n]
-        direction, magnitude = out[:, 0], out[:, 1]
+            torch.add(cut(terms[0], 1), cut(terms[1], 1), out=h1_shaped)
+        h1.baddbmm_(x.view(pop, k, n).transpose(1, 2), w_elem_t).relu_()
+        h2 = _linear_relu(h1, meta["w2"], meta["b2"], fused)
+        out = torch.baddbmm(b3, h2, w3_t)  # [P, n, 2]
+        direction, magnitude = out[..., 0], out[..., 1]
         step = magnitude.mul_(EXP_MULT).exp_().mul_(direction)
         step.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         pc.add_(step.view(pc.shape), alpha=alpha)
