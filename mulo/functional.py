@@ -84,10 +84,11 @@ def decays(theta: Tensor) -> Tensor:
     return 1 - (1 - beta0) * torch.exp(10 * theta)
 
 
-def time_features(t: Tensor) -> Tensor:
-    """tanh(t / tau - 1) for each tau: [P] -> [P, 11]."""
+def time_features(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """tanh(t / tau - 1) for each tau: [P] -> [P, 11] (computed in float32 or better)."""
+    t = t.double() if t.dtype == torch.float64 else t.float()
     taus = torch.tensor(TIME_SCALES, dtype=t.dtype, device=t.device)
-    return torch.tanh(t[:, None] / taus - 1)
+    return torch.tanh(t[:, None] / taus - 1).to(dtype or t.dtype)
 
 
 def factored_dims(shape: tuple[int, ...]) -> tuple[int, int] | None:
@@ -150,7 +151,9 @@ def init_state(param: Tensor) -> LOState:
     p = _at_least_1d(param)
     pop, shape = p.shape[0], tuple(p.shape[1:])
     z = dict(dtype=p.dtype, device=p.device)
-    state = LOState(mv=torch.zeros(pop, 4, *shape, **z), t=torch.zeros(pop, **z))
+    # the step counter stays float32 whatever the param dtype: bf16 stops counting at 256
+    t = torch.zeros(pop, dtype=torch.float32, device=p.device)
+    state = LOState(mv=torch.zeros(pop, 4, *shape, **z), t=t)
     dims = factored_dims(shape)
     if dims is None:
         state.diag = torch.zeros(pop, 3, *shape, **z)
@@ -330,7 +333,7 @@ def features(meta: dict[str, Tensor], state: LOState, param: Tensor, grad: Tenso
         out[:, list(MATRIX_COL_CHANNELS)] = _broadcast_channels(state.col).expand(full)
     mean_sq = out.square().flatten(2).mean(dim=2)
     out = out * _bcast(torch.rsqrt(1e-5 + mean_sq), len(plan.shape))
-    tf = _bcast(time_features(state.t), len(plan.shape)).expand(plan.pop, -1, *plan.shape)
+    tf = _bcast(time_features(state.t, p.dtype), len(plan.shape)).expand(plan.pop, -1, *plan.shape)
     return torch.cat([out, tf], dim=1)
 
 
@@ -345,7 +348,7 @@ def _first_layer(meta: dict[str, Tensor], plan: _Plan, state: LOState, sum_sq: T
     nd = len(plan.shape)
     w_elem = w1[:, :, list(plan.channels)] * _rms_inverse(sum_sq, plan.numel)[:, None, :]
     bias = meta["b1"] + torch.einsum(
-        "phf,pf->ph", w1[:, :, NUM_NORMALISED:], time_features(state.t)
+        "phf,pf->ph", w1[:, :, NUM_NORMALISED:], time_features(state.t, w1.dtype)
     )
     terms = [bias.reshape(plan.pop, *([1] * nd), HIDDEN)]
     if plan.dims is not None:

@@ -6,7 +6,10 @@ A file is a ``torch.save`` of ``{"format", "version", "architecture", "meta_para
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -34,13 +37,23 @@ def save_meta_weights(path: str | Path, meta: dict[str, Tensor], provenance: dic
         "version": VERSION,
         "architecture": ARCHITECTURE,
         "meta_params": {k: v.detach().cpu().float().clone() for k, v in meta.items()},
-        "provenance": dict(provenance or {}),
+        # plain JSON types only, so that weights_only loading can read it back
+        "provenance": json.loads(json.dumps(dict(provenance or {}), default=_plain)),
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)  # atomic: a crash never leaves a half-written file under the real name
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)  # atomic: a crash never leaves a half-written file under the name
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _plain(obj):
+    return obj.item() if hasattr(obj, "item") else str(obj)
 
 
 def available() -> list[str]:
@@ -69,8 +82,9 @@ def load_meta_weights(name_or_path: str | Path) -> tuple[dict[str, Tensor], dict
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unpickling failure is a corrupt file to the user
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MetaWeightsError(f"cannot read meta-weights {path}: {first_line}") from None
+        raise MetaWeightsError(
+            f"cannot read meta-weights {path}: not a readable torch file ({type(e).__name__})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise MetaWeightsError(f"{path} is not a mulo meta-weights file (format != {FORMAT!r})")
     if payload.get("version") != VERSION:

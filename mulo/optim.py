@@ -46,29 +46,32 @@ class LearnedOptimizer(torch.optim.Optimizer):
         roles: dict[str, str] | None = None,
         chunk_size: int = LF.DEFAULT_CHUNK_SIZE,
     ):
-        if lr < 0 or weight_decay < 0:
+        if not (lr >= 0 and weight_decay >= 0):  # also rejects NaN
             raise ValueError(f"lr and weight_decay must be >= 0, got {lr} and {weight_decay}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        par = parametrizations.get(self.parametrization)
+        self._parametrization = parametrizations.get(self.parametrization)
+        self._module_scales: dict[int, float] = {}
         if isinstance(params, nn.Module):
-            scales = par.update_scales(params, overrides=roles)
+            scales = self._parametrization.update_scales(params, overrides=roles)
             named = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
             params = [p for _, p in named]
-            scale_of = {id(p): scales[n] for n, p in named}
-        else:
-            if roles is not None:
-                raise ValueError("roles= needs the model: pass the nn.Module, not its parameters")
-            params = list(params)
-            scale_of = None
+            self._module_scales = {id(p): scales[n] for n, p in named}
+        elif roles is not None:
+            raise ValueError("roles= needs the model: pass the nn.Module, not its parameters")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
-        for group in self.param_groups:
-            for p in group["params"]:
-                s = scale_of[id(p)] if scale_of is not None else par.tensor_scale(p)
-                self.state[p]["scale"] = float(s)
         self.meta, self.provenance = _resolve_meta(meta_weights, self.parametrization)
         self.chunk_size = chunk_size
         self._meta_cache: dict[tuple, dict[str, Tensor]] = {}
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Also records each new tensor's s_W (from the module it came with, else infshape)."""
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            scale = self._module_scales.get(id(p))
+            if scale is None:
+                scale = self._parametrization.tensor_scale(p)
+            self.state[p]["scale"] = float(scale)
 
     def _meta_for(self, p: Tensor) -> dict[str, Tensor]:
         key = (p.device, p.dtype)
@@ -93,12 +96,15 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 state = self.state[p]
                 if "mv" not in state:
-                    state.update(LF.init_state(p.unsqueeze(0)).to_dict())
+                    lo_state = LF.init_state(p.unsqueeze(0)).to_dict()
+                    # torch.optim keeps "step" in its own dtype on load_state_dict (others are
+                    # cast to the param's): the counter must not round in bf16.
+                    state.update(lo_state, step=lo_state.pop("t"))
                 if wd != 0:
                     p.mul_(1 - lr * wd)
                 LF.lo_step_(
                     self._meta_for(p),
-                    LF.LOState.from_dict(state),
+                    LF.LOState.from_dict({**state, "t": state["step"]}),
                     p.unsqueeze(0),
                     p.grad.unsqueeze(0),
                     scale=state["scale"],
@@ -128,5 +134,7 @@ def _resolve_meta(meta_weights: MetaWeights, parametrization: str):
         return default_meta_weights(parametrization)
     if isinstance(meta_weights, dict):
         check_meta_params(meta_weights, "meta_weights")
-        return {k: v.detach().float() for k, v in meta_weights.items()}, {"name": "in-memory"}
+        return {k: v.detach().float().clone() for k, v in meta_weights.items()}, {
+            "name": "in-memory"
+        }
     return load_meta_weights(meta_weights)
