@@ -27,6 +27,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from mulo import kernel
+
 HIDDEN = 32
 NUM_FEATURES = 39
 NUM_NORMALISED = 28
@@ -36,8 +38,8 @@ DECAY_INIT = (0.9, 0.99, 0.999, 0.999, 0.9, 0.99, 0.999)
 EXP_MULT = 0.001
 STEP_MULT_MU = 0.01
 STEP_MULT_SP = 0.001
-DEFAULT_CHUNK_SIZE = 1 << 14
-USE_FUSED = True  # oneDNN fused linear+ReLU where available; tests flip it to check both paths
+DEFAULT_CHUNK_SIZE = 1 << 16  # ~5 MB of buffers: L3-resident; ATen splits ops this size
+USE_KERNEL = True  # the fused C kernel for one float32 particle on CPU (mulo/kernel.py)
 META_SHAPES = {
     "w1": (HIDDEN, NUM_FEATURES),
     "b1": (HIDDEN,),
@@ -340,7 +342,7 @@ def features(meta: dict[str, Tensor], state: LOState, param: Tensor, grad: Tenso
 def _first_layer(meta: dict[str, Tensor], plan: _Plan, state: LOState, sum_sq: Tensor):
     """Fold normalisation, time features and broadcast channels into the first layer.
 
-    Returns the [P, K, 32] weight applied to the per-element channels and the list of
+    Returns the [P, 32, K] weight applied to the per-element channels and the list of
     tensors, hidden dim last, whose sum is the rest of the first layer's pre-activation
     (each broadcastable to [P, *S, 32]).
     """
@@ -358,25 +360,29 @@ def _first_layer(meta: dict[str, Tensor], plan: _Plan, state: LOState, sum_sq: T
             w = w1[:, :, list(idx)] * inv[:, None, :]
             terms.append(torch.einsum("phc,pc...->p...h", w, ch))
         terms = [terms[0] + terms[1], terms[2]]
-    return w_elem.transpose(1, 2), terms
+    return w_elem.contiguous(), terms
 
 
-def _fused_linear_relu_available(h: Tensor) -> bool:
-    return (
-        h.shape[0] == 1
-        and h.device.type == "cpu"
-        and h.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
-
-
-def _linear_relu(h: Tensor, w: Tensor, b: Tensor, fused: bool) -> Tensor:
-    """relu(h @ w^T + b) for [P, n, in] inputs. For one particle on CPU this is oneDNN's fused
-    linear + bias + ReLU (the kernel inductor emits), saving a pass over the activations."""
-    if fused:
-        return torch.ops.mkldnn._linear_pointwise(h[0], w[0], b[0], "relu", [], "").unsqueeze(0)
-    return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2)).relu_()
+def _kernel_terms(terms: list[Tensor], cshape: tuple[int, ...]) -> tuple[Tensor, Tensor, int]:
+    """The first layer's broadcast terms of one chunk as the kernel takes them: a [R, 32] term
+    indexed by the chunk's dim-0 index and a [32, C] term (transposed) indexed by the flattened
+    rest (R, C = 1 when constant). A term varying along both (some rank > 2 shapes) is summed in
+    full into the row term, with one element per row."""
+    ncols = math.prod(cshape[1:])
+    rows, cols, full = [], [], []
+    for t in terms:
+        if all(s == 1 for s in t.shape[2:-1]):
+            rows.append(t.reshape(-1, HIDDEN))
+        elif t.shape[1] == 1:
+            cols.append(t.expand(1, 1, *cshape[1:], HIDDEN).reshape(ncols, HIDDEN))
+        else:
+            full.append(t)
+    if full:
+        whole = sum(t.expand(1, *cshape, HIDDEN) for t in terms)
+        return whole.reshape(-1, HIDDEN).contiguous(), terms[0].new_zeros(HIDDEN, 1), 1
+    row = sum(rows) if rows else terms[0].new_zeros(1, HIDDEN)
+    col = sum(cols) if cols else terms[0].new_zeros(1, HIDDEN)
+    return row.contiguous(), col.t().contiguous(), ncols
 
 
 def lo_step_(
@@ -397,28 +403,38 @@ def lo_step_(
     p, g = _at_least_1d(param), _at_least_1d(_sanitize(grad))
     plan = _Plan(meta, state, p, g, chunk_size)
     sum_sq = _accumulate_and_measure_(plan, state, p, g)
-    w_elem_t, terms = _first_layer(meta, plan, state, sum_sq)
+    w_elem, terms = _first_layer(meta, plan, state, sum_sq)
+    w2_t, b2 = meta["w2"].transpose(1, 2), meta["b2"].unsqueeze(1)
     w3_t, b3 = meta["w3"].transpose(1, 2), meta["b3"].unsqueeze(1)
     alpha = -lr * scale * step_mult
     k, pop = len(plan.channels), plan.pop
-    fused = _fused_linear_relu_available(p) and USE_FUSED
+    fused = USE_KERNEL and kernel.usable(p) and plan.chunk_dim == 0 and p.is_contiguous()
+    fused = fused and kernel.load() is not None
     x_space, h1_space = None, None
     for start, length in plan.chunks:
         cut = plan.slices(start, length)
         pc, gc, mvc, factors = _chunk_views(plan, state, p, g, start, length)
         cshape = pc.shape[1:]
         n = math.prod(cshape)
-        # channels are built channel-major (contiguous writes); BLAS reads them transposed
+        # channels are built channel-major: contiguous writes, one row per channel
         x, x_space = _buffer(x_space, pop, k, cshape, p)
         _element_channels_(x, gc, pc, mvc, factors)
+        chunk_terms = [cut(t, 1) for t in terms]
+        if fused:
+            row, col, ncols = _kernel_terms(chunk_terms, cshape)
+            kernel.net_update_(
+                x.view(k, n), row, col, ncols, w_elem[0], meta["w2"][0], meta["b2"][0],
+                meta["w3"][0], meta["b3"][0], pc.view(n), alpha,
+            )  # fmt: skip
+            continue
         h1, h1_space = _buffer(h1_space, pop, n, (HIDDEN,), p)  # element-major [P, n, 32]
         h1_shaped = h1.view(pop, *cshape, HIDDEN)
-        if len(terms) == 1:
-            h1_shaped.copy_(terms[0].expand_as(h1_shaped))
+        if len(chunk_terms) == 1:
+            h1_shaped.copy_(chunk_terms[0].expand_as(h1_shaped))
         else:
-            torch.add(cut(terms[0], 1), cut(terms[1], 1), out=h1_shaped)
-        h1.baddbmm_(x.view(pop, k, n).transpose(1, 2), w_elem_t).relu_()
-        h2 = _linear_relu(h1, meta["w2"], meta["b2"], fused)
+            torch.add(*chunk_terms, out=h1_shaped)
+        h1.baddbmm_(x.view(pop, k, n).transpose(1, 2), w_elem.transpose(1, 2)).relu_()
+        h2 = torch.baddbmm(b2, h1, w2_t).relu_()
         out = torch.baddbmm(b3, h2, w3_t)  # [P, n, 2]
         direction, magnitude = out[..., 0], out[..., 1]
         step = magnitude.mul_(EXP_MULT).exp_().mul_(direction)

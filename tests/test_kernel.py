@@ -1,0 +1,98 @@
+"""The fused C kernel (mulo/kernels/lo_net.c) against the PyTorch path and the literal network."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mulo import functional as LF
+from mulo import kernel
+
+SHAPES = [(), (300,), (64, 200), (200, 64), (37, 53), (6, 4, 3, 3), (8, 4, 3, 3), (5, 1), (1, 5)]
+
+
+def run(shape, use_kernel, chunk_size, steps=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    meta = LF.init_meta_params(population=1, generator=gen)
+    p = torch.randn(1, *shape, generator=gen)
+    state = LF.init_state(p)
+    old = LF.USE_KERNEL
+    LF.USE_KERNEL = use_kernel
+    try:
+        for _ in range(steps):
+            g = torch.randn(1, *shape, generator=gen)
+            LF.lo_step_(meta, state, p, g, scale=0.5, step_mult=0.01, chunk_size=chunk_size)
+    finally:
+        LF.USE_KERNEL = old
+    return p, state
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no cc")
+def test_kernel_builds_where_a_compiler_exists():
+    assert kernel.load() is not None
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("chunk_size", [7, 100, LF.DEFAULT_CHUNK_SIZE])
+def test_kernel_matches_pytorch_path(shape, chunk_size):
+    if kernel.load() is None:
+        pytest.skip("kernel unavailable")
+    p_k, s_k = run(shape, True, chunk_size)
+    p_t, s_t = run(shape, False, chunk_size)
+    torch.testing.assert_close(p_k, p_t, rtol=1e-5, atol=1e-6)
+    for name, value in s_t.to_dict().items():
+        torch.testing.assert_close(s_k.to_dict()[name], value, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(33, 70), (70, 33), (129,)])
+def test_kernel_step_equals_literal_network_on_features(shape):
+    """p_new = p - lr*scale*step_mult * d * exp(0.001 a) with (d, a) = net(features)."""
+    gen = torch.Generator().manual_seed(1)
+    meta = LF.init_meta_params(population=1, generator=gen)
+    p = torch.randn(1, *shape, generator=gen)
+    g = torch.randn(1, *shape, generator=gen)
+    state = LF.init_state(p)
+    x = LF.features(meta, state, p, g).flatten(2).transpose(1, 2)  # [1, n, 39]
+    h = torch.relu(x @ meta["w1"].transpose(1, 2) + meta["b1"][:, None])
+    h = torch.relu(h @ meta["w2"].transpose(1, 2) + meta["b2"][:, None])
+    out = h @ meta["w3"].transpose(1, 2) + meta["b3"][:, None]
+    expected = p.flatten(1) - 2.0 * 0.5 * 0.01 * out[..., 0] * torch.exp(0.001 * out[..., 1])
+    LF.lo_step_(meta, state, p, g, scale=0.5, step_mult=0.01, lr=2.0, chunk_size=50)
+    torch.testing.assert_close(p.flatten(1), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_non_finite_step_never_reaches_the_parameter(use_kernel):
+    meta = LF.init_meta_params(population=1, generator=torch.Generator().manual_seed(2))
+    meta["b3"][0, 1] = 1e6  # exp(0.001 a) overflows to inf for every element
+    p = torch.randn(1, 40, 30)
+    before = p.clone()
+    old = LF.USE_KERNEL
+    LF.USE_KERNEL = use_kernel
+    try:
+        LF.lo_step_(meta, LF.init_state(p), p, torch.randn_like(p), scale=1.0, step_mult=0.01)
+    finally:
+        LF.USE_KERNEL = old
+    assert torch.equal(p, before)
+
+
+def test_missing_compiler_falls_back_with_one_warning(tmp_path):
+    code = (
+        "import warnings, torch, mulo, parametrizations as P\n"
+        "warnings.simplefilter('always')\n"
+        "m = P.mlp(8, 16, 2, 3)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    opt = mulo.MuLO(m, meta_weights=mulo.functional.init_meta_params())\n"
+        "    for _ in range(2):\n"
+        "        m(torch.randn(4, 8)).sum().backward(); opt.step()\n"
+        "msgs = [str(x.message) for x in w if 'kernel' in str(x.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "assert mulo.kernel.load() is None\n"
+        "assert all(torch.isfinite(p).all() for p in m.parameters())\n"
+    )
+    env = dict(os.environ, CC=str(tmp_path / "no-such-cc"), MULO_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
