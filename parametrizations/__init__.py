@@ -8,7 +8,7 @@ Knows nothing about learned optimizers; `mulo` asks it for roles and scales (SPE
 """
 
 from .base import Parametrization
-from .builders import BUILDERS, build, mlp
+from .builders import BUILDERS, TransformerLM, build, cnn, mlp, transformer_lm
 from .coord_check import coord_check, coord_table, plot_coord_check
 from .optim import mu_adam_param_groups
 from .readout import Readout
@@ -23,7 +23,9 @@ __all__ = [
     "Readout",
     "Role",
     "SP",
+    "TransformerLM",
     "build",
+    "cnn",
     "coord_check",
     "coord_table",
     "fan_in",
@@ -32,4 +34,5 @@ __all__ = [
     "mlp",
     "mu_adam_param_groups",
     "plot_coord_check",
+    "transformer_lm",
 ]

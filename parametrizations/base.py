@@ -48,6 +48,10 @@ class Parametrization:
         """The readout's forward multiplier for a model of this (absolute) width."""
         raise NotImplementedError
 
+    def attention_scale(self, head_dim: int) -> float:
+        """Factor on the attention logits q·k for heads of size `head_dim`."""
+        raise NotImplementedError
+
     def init_(
         self, model: nn.Module, overrides: Overrides = None, bias_std: float = 0.0
     ) -> nn.Module:

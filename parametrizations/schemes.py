@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import unicodedata
 
 import torch
@@ -13,6 +14,11 @@ from .roles import ParametrizationError, Role, fan_in
 def _check_width(width: int) -> None:
     if width <= 0:
         raise ValueError(f"width must be a positive integer, got {width}")
+
+
+def _check_head_dim(head_dim: int) -> None:
+    if head_dim <= 0:
+        raise ValueError(f"head_dim must be a positive integer, got {head_dim}")
 
 
 class MuP(Parametrization):
@@ -38,6 +44,12 @@ class MuP(Parametrization):
         _check_width(width)
         return float(output_mult) / width
 
+    def attention_scale(self, head_dim: int) -> float:
+        """1/d_head (not 1/sqrt(d_head)): q and k become correlated during training, so their
+        dot product grows like d_head, not sqrt(d_head) (Tensor Programs V, §4)."""
+        _check_head_dim(head_dim)
+        return 1.0 / head_dim
+
 
 class SP(Parametrization):
     """Standard parametrization: 1/sqrt(fan_in) init, no multipliers, s_W = 1 for every tensor."""
@@ -54,6 +66,10 @@ class SP(Parametrization):
     def output_multiplier(self, width: int, output_mult: float = 1.0) -> float:
         _check_width(width)
         return 1.0
+
+    def attention_scale(self, head_dim: int) -> float:
+        _check_head_dim(head_dim)
+        return 1.0 / math.sqrt(head_dim)
 
 
 _REGISTRY: dict[str, type[Parametrization]] = {"mup": MuP, "mu": MuP, "μp": MuP, "sp": SP}

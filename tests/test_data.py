@@ -10,44 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import IDX_STEMS, write_idx, write_mnist_dir
 
 from mulo import data as D
-
-IDX_STEMS = [
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-]
-
-
-def write_idx(path, arr, gz=None):
-    """The IDX format: 0x00 0x00, dtype code, ndim, big-endian uint32 dims, big-endian data."""
-    code = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C, np.float32: 0x0D}
-    arr = np.asarray(arr)
-    header = bytes([0, 0, code[arr.dtype.type], arr.ndim]) + struct.pack(
-        f">{arr.ndim}I", *arr.shape
-    )
-    raw = header + arr.astype(arr.dtype.newbyteorder(">")).tobytes()
-    path = Path(path)
-    gz = path.suffix == ".gz" if gz is None else gz
-    path.write_bytes(gzip.compress(raw) if gz else raw)
-    return path
-
-
-def write_mnist_dir(directory, marker=0, n_train=5, n_test=3, gz=True):
-    """A complete tiny MNIST-style directory; every label equals ``marker`` to tell dirs apart."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(marker)
-    for stem in IDX_STEMS:
-        n = n_train if stem.startswith("train") else n_test
-        if "images" in stem:
-            arr = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        else:
-            arr = np.full(n, marker, dtype=np.uint8)
-        write_idx(directory / (stem + (".gz" if gz else "")), arr, gz=gz)
-    return directory
 
 
 @pytest.fixture

@@ -1,0 +1,166 @@
+"""Width transfer: learned optimizers vs per-width tuned baselines across MLP widths.
+
+    python -m experiments.width_transfer                      # the README's main job (CPU)
+    python -m experiments.width_transfer widths=[128,1024,4096] seeds=[0,1,2] device=cuda
+    python -m experiments.width_transfer logger=wandb         # every run in one W&B group
+
+For every width x optimizer x lr (grid) x seed it trains the MLP task (experiments.evaluate's
+run_single), then writes to the run directory: runs.jsonl (every run's summary), results.md (final
+train loss and test accuracy per width and optimizer, mean ± std over seeds, at each width's best
+lr) and width_transfer.png (final train loss vs width).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from experiments._cli import check_argv, one_line_errors, run_dir
+from experiments.evaluate import run_single
+
+
+def sweep(config: dict, out: Path) -> list[dict]:
+    """Every (optimizer, width, lr, seed) run, in the order a reader would check them."""
+    runs = []
+    logger_cfg = dict(config["logger"])
+    if logger_cfg.get("name") == "wandb" and not logger_cfg.get("group"):
+        logger_cfg["group"] = f"width_transfer-{time.strftime('%Y%m%d-%H%M%S')}"
+    plan = [
+        (key, spec, width, lr, seed)
+        for key, spec in config["optimizers"].items()
+        for width in config["widths"]
+        for lr in spec["lrs"]
+        for seed in config["seeds"]
+    ]
+    for i, (key, spec, width, lr, seed) in enumerate(plan, 1):
+        opt_cfg = {**spec["optimizer"], "lr": lr}
+        task_cfg = {**config["task"], "width": width}
+        lr_tag = "default" if lr is None else f"{lr:g}"
+        print(f"[{i}/{len(plan)}] {key} width={width} lr={lr_tag} seed={seed}", flush=True)
+        summary = run_single(
+            task_cfg, opt_cfg, parametrization=spec["parametrization"], steps=config["steps"],
+            batch_size=config["batch_size"], seed=seed, eval_interval=config["eval_interval"],
+            device=config["device"], out=out / "runs" / f"{key}-w{width}-lr{lr_tag}-s{seed}",
+            logger_cfg=logger_cfg, config={**config, "entry": key}, progress=config["progress"],
+        )  # fmt: skip
+        runs.append({"entry": key, **summary})
+        with (out / "runs.jsonl").open("a") as f:
+            f.write(json.dumps(runs[-1], default=str) + "\n")
+    return runs
+
+
+def best_per_width(runs: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    """For each (entry, width): the seeds' runs at the lr with the lowest mean final loss."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["entry"], r["width"], r["lr"]), []).append(r)
+    best: dict[tuple[str, int], list[dict]] = {}
+    for (entry, width, _lr), rs in groups.items():
+        score = statistics.fmean(_finite(r["final_train_loss"]) for r in rs)
+        current = best.get((entry, width))
+        if current is None or score < statistics.fmean(
+            _finite(r["final_train_loss"]) for r in current
+        ):
+            best[(entry, width)] = rs
+    return best
+
+
+def _finite(x: float) -> float:
+    return x if x == x and x != float("inf") else float("inf")
+
+
+def _mean_std(values: list[float]) -> str:
+    if any(v == float("inf") for v in values):
+        return "diverged"
+    m = statistics.fmean(values)
+    s = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{m:.4f} ± {s:.4f}"
+
+
+def table(best: dict, entries: list[str], widths: list[int]) -> str:
+    lines = [
+        "| width | " + " | ".join(f"{e} loss | {e} acc" for e in entries) + " |",
+        "|---:|" + "---:|---:|" * len(entries),
+    ]
+    for w in widths:
+        cells = []
+        for e in entries:
+            rs = best[(e, w)]
+            loss = _mean_std([_finite(r["final_train_loss"]) for r in rs])
+            accs = [r.get("eval_accuracy", float("nan")) for r in rs]
+            acc = "—" if loss == "diverged" else _mean_std(accs)
+            lr = rs[0]["lr"]
+            cells += [loss + ("" if lr is None else f" (lr {lr:g})"), acc]
+        lines.append(f"| {w} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(best: dict, entries: list[str], widths: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for e in entries:
+        xs, ms, ss = [], [], []
+        for w in widths:
+            vals = [_finite(r["final_train_loss"]) for r in best[(e, w)]]
+            if all(v < float("inf") for v in vals):
+                xs.append(w)
+                ms.append(statistics.fmean(vals))
+                ss.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=e)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("width")
+    ax.set_ylabel("final train loss (best lr per width)")
+    ax.set_title("Width transfer (MLP, 3 hidden layers)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@one_line_errors
+def run(cfg: DictConfig) -> Path:
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if not config["widths"] or not config["seeds"] or not config["optimizers"]:
+        raise ValueError("widths, seeds and optimizers must each name at least one value")
+    out = run_dir()
+    started = time.perf_counter()
+    runs = sweep(config, out)
+    entries, widths = list(config["optimizers"]), list(config["widths"])
+    best = best_per_width(runs)
+    md = table(best, entries, widths)
+    header = (
+        f"Width transfer on {config['task']['name']} ({config['task']['dataset']}), depth "
+        f"{config['task']['depth']}, {config['steps']} steps, batch {config['batch_size']}, "
+        f"seeds {config['seeds']}; final train loss = mean of the last 10% of steps, acc = "
+        f"held-out accuracy; tuned entries report each width's best lr.\n\n"
+    )
+    (out / "results.md").write_text(header + md + "\n")
+    plot(best, entries, widths, out / "width_transfer.png")
+    minutes = (time.perf_counter() - started) / 60
+    print(f"\n{header}{md}\n")
+    print(
+        f"Compared {', '.join(entries)} at widths {widths} ({len(runs)} runs, {minutes:.1f} min)."
+        f"\nTable: {out / 'results.md'}\nPlot:  {out / 'width_transfer.png'}"
+        f"\nRuns:  {out / 'runs.jsonl'}"
+    )
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="width_transfer")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    check_argv(sys.argv[1:])
+    main()
