@@ -17,8 +17,10 @@ Where Fashion-MNIST / MNIST are looked for, first hit wins:
   3. the system directory of the Debian/Ubuntu package ``dataset-fashion-mnist``
      (``/usr/share/datasets/fashion-mnist``; MNIST has no such package);
   4. the user cache ``$MULO_CACHE_DIR/<name>`` (default ``~/.cache/mulo/<name>``);
-  5. with ``download=True`` or ``MULO_DOWNLOAD=1``: the canonical files, md5-checked, into the
-     cache (or into ``root``). Otherwise a :class:`DatasetNotFoundError` lists all of the above.
+  5. a download of the canonical files, md5-checked, into the cache (or into ``root`` with
+     ``download=True``). It is automatic when no ``root`` is given (``MULO_DOWNLOAD=0`` turns it
+     off) and fails fast without internet. Failing all that, a :class:`DatasetNotFoundError`
+     lists every option in one line.
 """
 
 from __future__ import annotations
@@ -186,13 +188,14 @@ def _read_idx_dir(directory: Path) -> dict[str, tuple[Tensor, Tensor]]:
 
 
 def load_mnist_like(
-    name: str = "fashion_mnist", root: PathLike | None = None, download: bool = False
+    name: str = "fashion_mnist", root: PathLike | None = None, download: bool | None = None
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Fashion-MNIST or MNIST as ``{"train": (x, y), "test": (x, y)}``.
 
     ``x`` is uint8 ``[N, 28, 28]``, ``y`` int64 ``[N]`` (60000 / 10000 for the real sets). See
-    the module docstring for where the files are looked for. ``download`` (or ``MULO_DOWNLOAD=1``)
-    fetches missing files from the canonical source, verifying each file's md5.
+    the module docstring for where the files are looked for. ``download`` fetches missing files
+    from the canonical source, verifying each file's md5; ``None`` (the default) means: yes
+    unless an explicit ``root`` was given, and ``$MULO_DOWNLOAD`` (``0``/``1``) decides if set.
     """
     name = _canonical(name)
     if name not in MNIST_LIKE:
@@ -218,7 +221,10 @@ def load_mnist_like(
             return _read_idx_dir(directory)
 
     target = Path(root).expanduser() if root is not None else cache_dir(name)
-    if download or _env_flag("MULO_DOWNLOAD"):
+    if download is None:
+        env = os.environ.get("MULO_DOWNLOAD", "").strip()
+        download = _env_flag("MULO_DOWNLOAD") if env else root is None
+    if download:
         _download_mnist_like(name, target, looked)
         return _read_idx_dir(target)
     raise DatasetNotFoundError(_mnist_not_found_message(name, looked))
@@ -235,8 +241,8 @@ def _mnist_not_found_message(name: str, looked: list[str], reason: str = "") -> 
         fixes.append(f"`sudo apt-get install {spec['apt']}` (installs {SYSTEM_DIRS[name]})")
     fixes += [
         f"put the files in {cache_dir(name)}",
-        f"download them (needs internet) with download=True or MULO_DOWNLOAD=1 from "
-        f"{spec['mirrors'][0]}",
+        f"download them (needs internet; automatic without root=, or download=True / "
+        f"MULO_DOWNLOAD=1) from {spec['mirrors'][0]}",
     ]
     why = f" ({reason})" if reason else ""
     msg = f"{spec['title']} not found{why}; looked in: {', '.join(looked)}. "
@@ -343,7 +349,7 @@ def _read_cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
 
 
 def load_images(
-    name: str, root: PathLike | None = None, download: bool = False
+    name: str, root: PathLike | None = None, download: bool | None = None
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """``"fashion_mnist"``, ``"mnist"`` or ``"cifar10"`` by name (for task configs)."""
     key = _canonical(name)

@@ -17,9 +17,10 @@ from mulo import data as D
 
 @pytest.fixture
 def hermetic(tmp_path, monkeypatch):
-    """No env vars, the system dir and the cache under tmp_path."""
-    for var in ("FASHION_MNIST_DIR", "MNIST_DIR", "MULO_DATA_DIR", "MULO_DOWNLOAD", "CIFAR10_DIR"):
+    """No env vars, the system dir and the cache under tmp_path, no network (MULO_DOWNLOAD=0)."""
+    for var in ("FASHION_MNIST_DIR", "MNIST_DIR", "MULO_DATA_DIR", "CIFAR10_DIR"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MULO_DOWNLOAD", "0")
     monkeypatch.setenv("MULO_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(D, "SYSTEM_DIRS", {"fashion_mnist": tmp_path / "system"})
     return tmp_path
@@ -136,14 +137,22 @@ def mirror(hermetic, monkeypatch):
 
 def test_download_verifies_and_caches(hermetic, mirror, monkeypatch):
     with pytest.raises(D.DatasetNotFoundError):
-        D.load_mnist_like("fashion_mnist")  # no download unless asked
-    data = D.load_mnist_like("fashion_mnist", download=True)
+        D.load_mnist_like("fashion_mnist")  # MULO_DOWNLOAD=0: no download
+    monkeypatch.delenv("MULO_DOWNLOAD")
+    data = D.load_mnist_like("fashion_mnist")  # no root given: downloads by default
     assert data["train"][1].tolist() == [9] * 5
     cache = hermetic / "cache" / "fashion_mnist"
     assert sorted(p.name for p in cache.iterdir()) == sorted(mirror["md5"])
     # The cache is found afterwards without downloading (a broken mirror does not matter).
     monkeypatch.setitem(D.MNIST_LIKE, "fashion_mnist", dict(mirror, mirrors=("file:///nope/",)))
     assert D.load_mnist_like("fashion_mnist")["test"][1].tolist() == [9] * 3
+
+
+def test_explicit_root_is_strict_unless_download_is_asked(hermetic, mirror, monkeypatch):
+    monkeypatch.delenv("MULO_DOWNLOAD")
+    with pytest.raises(D.DatasetNotFoundError):
+        D.load_mnist_like("fashion_mnist", root=hermetic / "empty")
+    assert D.load_mnist_like("fashion_mnist", root=hermetic / "r", download=True)["test"][1].numel()
 
 
 def test_download_via_env_into_explicit_root(hermetic, mirror, monkeypatch):
