@@ -1,0 +1,431 @@
+"""The outer loop: AdamW on the LO's meta-parameters from PES/ES estimates (SPEC §3).
+
+    cfg = MetaConfig(kind="mu", widths=[32], outer_steps=500)
+    trainer = MetaTrainer(cfg)
+    for _ in range(cfg.outer_steps):
+        record = trainer.step()          # {"step", "meta_loss", "grad_norm", "lr", ...}
+    trainer.evaluate(width=512)          # a fresh wider MLP trained by the current LO
+    mulo.save_meta_weights("lo.pt", trainer.meta_params())
+
+or, resumable from a checkpoint file: ``run_meta_training(trainer, "ckpt.pt", log=print)``.
+
+One step: every inner problem (one per width, μLO_M style) returns its estimator rows, the rows
+of all problems are summed over ranks in one ``all_reduce``, each problem's estimate is the mean
+over its pairs, and the update direction is the mean over problems. AdamW (β 0.9/0.999,
+decoupled weight decay) with linear warmup to ``lr_max`` then cosine decay to ``lr_min``
+computes the step; the step itself (θ_new − θ_old, weight decay included) is rescaled to global
+norm ``clip`` when longer (update clipping, not gradient clipping).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from mulo import functional as LF
+from mulo.meta import distributed as dist_utils
+from mulo.meta.estimators import (
+    NUM_META,
+    InnerProblem,
+    InnerTask,
+    MLPTask,
+    clip_meta_loss,
+    draw_seeds,
+    flatten_meta,
+    init_particles,
+    normalise_kind,
+    unflatten_meta,
+    unroll_,
+)
+
+EVAL_SEED_BASE = 1_000_003  # held-out inits and batch streams: far from the training seeds
+
+
+@dataclass
+class MetaConfig:
+    """Meta-training configuration (the Hydra ``meta`` config maps onto it field by field).
+
+    ``kind`` "mu" (μLO) or "sp" (SP-LO); ``widths``: one inner problem per width, estimates
+    averaged (μLO_M); ``pairs``: antithetic pairs per problem; ``truncation``: PES unroll K;
+    inner lengths ~ LogUniform[``min_length``, ``max_length``], offsets in [0, ``max_offset``).
+    ``eval_*``: the held-out evaluation (a fresh ``eval_width`` MLP, ``eval_seeds`` held-out
+    inits, ``eval_steps`` steps) run every ``eval_every`` outer steps by
+    :func:`run_meta_training` (0: never); ``checkpoint_every`` likewise.
+    """
+
+    kind: str = "mu"
+    widths: list[int] = field(default_factory=lambda: [32])
+    depth: int = 3
+    pairs: int = 8
+    sigma: float = 0.01
+    truncation: int = 50
+    min_length: int = 100
+    max_length: int = 1000
+    max_offset: int = 50
+    batch_size: int = 128
+    outer_steps: int = 1000
+    lr_max: float = 3e-3
+    lr_min: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 1e-4
+    clip: float = 1.0
+    estimator: str = "pes"
+    seed: int = 0
+    chunk_size: int = LF.DEFAULT_CHUNK_SIZE
+    dataset: str = "fashion_mnist"
+    data_root: str | None = None
+    image_pool: int = 2
+    device: str = "cpu"
+    eval_width: int = 256
+    eval_steps: int = 1000
+    eval_seeds: int = 2
+    eval_every: int = 0
+    checkpoint_every: int = 50
+
+    # Fields that do not change the trajectory (a checkpoint resumes across changes to them).
+    NON_TRAJECTORY = (
+        "chunk_size",
+        "data_root",
+        "device",
+        "eval_width",
+        "eval_steps",
+        "eval_seeds",
+        "eval_every",
+        "checkpoint_every",
+    )
+
+    def __post_init__(self):
+        self.kind = normalise_kind(self.kind)
+        if isinstance(self.widths, (int, str)):
+            self.widths = [self.widths]
+        self.widths = [int(w) for w in self.widths]
+        if self.estimator not in ("pes", "es"):
+            raise ValueError(f"unknown estimator {self.estimator!r}; choose 'pes' or 'es'")
+        positive = dict(
+            depth=self.depth, pairs=self.pairs, truncation=self.truncation,
+            min_length=self.min_length, batch_size=self.batch_size, image_pool=self.image_pool,
+            chunk_size=self.chunk_size, eval_seeds=self.eval_seeds,
+        )  # fmt: skip
+        if not self.widths:
+            raise ValueError("widths must list at least one width")
+        for w in self.widths:
+            positive[f"width {w}"] = w
+        for key, value in positive.items():
+            if not (isinstance(value, int) and value > 0):
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        for key in ("outer_steps", "warmup", "max_offset", "eval_width", "eval_steps"):
+            if int(getattr(self, key)) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+        for key in ("eval_every", "checkpoint_every"):
+            if int(getattr(self, key)) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+        if self.max_length < self.min_length:
+            raise ValueError(
+                f"max_length ({self.max_length}) must be >= min_length ({self.min_length})"
+            )
+        if not (self.sigma > 0 and self.lr_max > 0 and self.lr_min >= 0 and self.clip > 0):
+            raise ValueError("sigma, lr_max and clip must be > 0 and lr_min >= 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> MetaConfig:
+        """Build from a mapping (e.g. a Hydra/OmegaConf node); unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown meta-training config keys {unknown}; valid: {', '.join(sorted(names))}"
+            )
+        return cls(**{k: (list(v) if k == "widths" else v) for k, v in values.items()})
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def fingerprint(self) -> dict:
+        """The fields a checkpoint must agree on to continue the same trajectory."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.NON_TRAJECTORY}
+
+
+class WarmupCosine:
+    """LambdaLR factor: linear warmup to 1 over ``warmup`` steps, then cosine to ``floor``
+    (= lr_min / lr_max) at ``total`` steps (a callable object, so LambdaLR can save it)."""
+
+    def __init__(self, warmup: int, total: int, floor: float):
+        self.warmup, self.total, self.floor = int(warmup), int(total), float(floor)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        span = max(1, self.total - self.warmup)
+        progress = min(1.0, (step - self.warmup) / span)
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _derived_seed(seed: int, index: int) -> int:
+    """A reproducible seed for sub-stream ``index`` (inner problem ``index``) of a run."""
+    return int(draw_seeds(index + 1, torch.Generator().manual_seed(int(seed)))[-1])
+
+
+class MetaTrainer:
+    """Meta-trains the small_fc_lopt meta-parameters θ (flat [2409]) on one or more widths.
+
+    Args:
+        config: the :class:`MetaConfig`.
+        task_factory: ``width -> InnerTask``; default: :meth:`MLPTask.from_dataset` with the
+            config's depth, kind, dataset and batch size. Called for every training width
+            and (lazily) for ``eval_width``.
+        meta_init: starting meta-parameters (dict); default the seeded meta-initialisation.
+        rank, world_size: default: from the initialised process group, else (0, 1).
+    """
+
+    def __init__(
+        self,
+        config: MetaConfig,
+        task_factory: Callable[[int], InnerTask] | None = None,
+        *,
+        meta_init: dict[str, Tensor] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        torch.set_flush_denormal(True)  # decaying accumulators turn denormal: 10x slower without
+        self.config = cfg = config
+        if rank is None:
+            rank, world_size = dist_utils.world()
+        self.rank, self.world_size = int(rank), int(world_size or 1)
+        self.device = torch.device(cfg.device)
+        self._factory = task_factory or self._default_task
+        self.tasks = [self._factory(w) for w in cfg.widths]
+        self._eval_tasks: dict[int, InnerTask] = {}
+        self.problems = [
+            InnerProblem(
+                task,
+                pairs=cfg.pairs,
+                sigma=cfg.sigma,
+                truncation=cfg.truncation,
+                min_length=cfg.min_length,
+                max_length=cfg.max_length,
+                max_offset=cfg.max_offset,
+                seed=_derived_seed(cfg.seed, i),
+                estimator=cfg.estimator,
+                chunk_size=cfg.chunk_size,
+                rank=self.rank,
+                world_size=self.world_size,
+            )
+            for i, task in enumerate(self.tasks)
+        ]
+        if meta_init is None:
+            meta_init = LF.init_meta_params(generator=torch.Generator().manual_seed(cfg.seed))
+        theta = flatten_meta({k: v.detach().float() for k, v in meta_init.items()})
+        self.theta = torch.nn.Parameter(theta.to(self.device).clone())
+        self.optimizer = torch.optim.AdamW(
+            [self.theta], lr=cfg.lr_max, betas=(0.9, 0.999), weight_decay=cfg.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, WarmupCosine(cfg.warmup, cfg.outer_steps, cfg.lr_min / cfg.lr_max)
+        )
+        self.outer_step = 0
+
+    def _default_task(self, width: int) -> MLPTask:
+        cfg = self.config
+        return MLPTask.from_dataset(
+            width, cfg.depth, cfg.kind, dataset=cfg.dataset, data_root=cfg.data_root,
+            image_pool=cfg.image_pool, batch_size=cfg.batch_size, device=cfg.device,
+        )  # fmt: skip
+
+    # -- the estimate and the step ----------------------------------------------------------
+
+    def meta_params(self) -> dict[str, Tensor]:
+        """The current meta-parameters as the dict ``MuLO/SPLO(meta_weights=...)`` takes."""
+        return {k: v.detach().cpu().clone() for k, v in unflatten_meta(self.theta.detach()).items()}
+
+    def estimate(self) -> tuple[Tensor, dict]:
+        """The averaged meta-gradient estimate [D] at the current θ (advances the inner runs)
+        and per-problem statistics. Collective in a distributed run."""
+        theta = self.theta.detach()
+        blocks, infos = [], []
+        for problem in self.problems:
+            rows, info = problem.rows(theta)
+            blocks.append(rows.to(torch.float64))
+            infos.append(info)
+        # [tasks, N, D + 2] on the trainer's device (nccl reduces CUDA tensors only)
+        rows = dist_utils.all_reduce_sum_(torch.stack(blocks).to(self.device))
+        per_task = rows[:, :, :NUM_META].sum(1) / self.config.pairs
+        grad = per_task.mean(0)
+        stats: dict = {}
+        losses = rows[:, :, NUM_META:].mean(dim=(1, 2))  # mean of L+ and L- over pairs
+        for task, loss, info in zip(self.tasks, losses.tolist(), infos, strict=True):
+            key = _task_key(task)
+            stats[f"meta_loss/{key}"] = loss
+            for k, v in info.items():
+                stats[f"{k}/{key}"] = v
+        stats["meta_loss"] = float(losses.mean())
+        return grad.to(self.theta.dtype), stats
+
+    def step(self) -> dict:
+        """One outer step; returns the record to log."""
+        start = time.perf_counter()
+        grad, stats = self.estimate()
+        grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0).to(self.theta.device)
+        lr = self.optimizer.param_groups[0]["lr"]
+        old = self.theta.detach().clone()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.theta.grad = grad
+        self.optimizer.step()
+        with torch.no_grad():
+            delta = self.theta - old
+            norm = float(torch.linalg.vector_norm(delta))
+            if norm > self.config.clip:
+                self.theta.copy_(old + delta * (self.config.clip / norm))
+        self.theta.grad = None
+        self.scheduler.step()
+        self.outer_step += 1
+        return {
+            "step": self.outer_step,
+            **stats,
+            "grad_norm": float(torch.linalg.vector_norm(grad)),
+            "update_norm": min(norm, self.config.clip),
+            "update_clipped": norm > self.config.clip,
+            "lr": lr,
+            "seconds": time.perf_counter() - start,
+        }
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def eval_task(self, width: int) -> InnerTask:
+        if width not in self._eval_tasks:
+            self._eval_tasks[width] = self._factory(width)
+        return self._eval_tasks[width]
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        width: int | None = None,
+        steps: int | None = None,
+        seeds: int | Sequence[int] | None = None,
+        task: InnerTask | None = None,
+    ) -> dict:
+        """Train fresh models with the current LO (no perturbation) and report the means over
+        ``seeds`` (held-out init/batch seeds; an int n means n held-out seeds).
+
+        Returns ``meta_loss`` (clipped mean pre-update train loss over the run: the
+        meta-objective on fresh runs), ``final_train_loss`` (mean of the last 10% of steps,
+        inf if diverged), ``diverged`` (fraction of runs with a non-finite loss) and the task's
+        held-out metrics (``test_loss``, ``test_accuracy``). Uses its own generators, so it
+        never disturbs the training streams.
+        """
+        cfg = self.config
+        width = cfg.eval_width if width is None else int(width)
+        steps = cfg.eval_steps if steps is None else int(steps)
+        if seeds is None:
+            seeds = cfg.eval_seeds
+        if isinstance(seeds, int):
+            seeds = [EVAL_SEED_BASE + i for i in range(seeds)]
+        task = task or self.eval_task(width)
+        seeds = [int(s) for s in seeds]
+        pop = len(seeds)
+        # all seeds as one population (each its own init and batches; P = 1 uses the kernel)
+        meta = {k: v.to(task.device, task.dtype) for k, v in self.meta_params().items()}
+        meta = {k: v.expand(pop, *v.shape).contiguous() for k, v in meta.items()}
+        params, states = init_particles(task, seeds, copies=1)
+        batcher = task.make_batcher(seeds[0] + EVAL_SEED_BASE)
+        draw = lambda: batcher.sample_population(pop, task.batch_size, shared=False)  # noqa: E731
+        losses = unroll_(task, meta, params, states, steps, draw, cfg.chunk_size).double().cpu()
+        finite = torch.isfinite(losses).all(0)
+        tail = losses[-max(1, steps // 10) :].mean(0) if steps else losses.sum(0)
+        out = {
+            "meta_loss": clip_meta_loss(losses.mean(0), task.loss_cap).mean().item(),
+            "final_train_loss": torch.where(finite, tail, math.inf).mean().item(),
+            "diverged": (~finite).double().mean().item(),
+        }
+        out.update({k: v.double().mean().item() for k, v in task.evaluate(params).items()})
+        return {"width": width, "steps": steps, "seeds": pop, **out}
+
+    # -- state --------------------------------------------------------------------------------
+
+    def fingerprint(self) -> dict:
+        return {
+            **self.config.fingerprint(),
+            "num_meta_params": NUM_META,
+            "tasks": [t.describe() for t in self.tasks],
+        }
+
+    def state_dict(self) -> dict:
+        """θ, AdamW + schedule state, every problem's full state (all ranks must call it)."""
+        return {
+            "outer_step": self.outer_step,
+            "theta": self.theta.detach().cpu().clone(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "problems": [p.state_dict() for p in self.problems],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        theta = state["theta"]
+        if not isinstance(theta, Tensor) or tuple(theta.shape) != (NUM_META,):
+            raise ValueError(f"theta must be a [{NUM_META}] tensor")
+        if len(state["problems"]) != len(self.problems):
+            raise ValueError(
+                f"{len(state['problems'])} inner problems in the checkpoint, "
+                f"{len(self.problems)} configured"
+            )
+        for problem, sub in zip(self.problems, state["problems"], strict=True):
+            problem.load_state_dict(sub)
+        with torch.no_grad():
+            self.theta.copy_(theta.to(self.theta.device, self.theta.dtype))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.outer_step = int(state["outer_step"])
+
+
+def _task_key(task) -> str:
+    describe = task.describe()
+    return f"w{describe['width']}" if "width" in describe else describe.get("task", "task")
+
+
+def run_meta_training(
+    trainer: MetaTrainer,
+    checkpoint: str | None = None,
+    *,
+    log: Callable[[dict], None] | None = None,
+    steps: int | None = None,
+) -> dict | None:
+    """Run until ``config.outer_steps`` (or ``steps`` more), resumable.
+
+    With ``checkpoint``: if the file exists the run continues from it (a corrupt or mismatched
+    file raises ``CheckpointError``; it never restarts silently), and it is rewritten every
+    ``config.checkpoint_every`` steps and at the end. Every ``config.eval_every`` steps the
+    record gets ``eval/...`` entries from :meth:`MetaTrainer.evaluate` (rank 0 only). ``log``
+    is called with each step's record on rank 0. Returns the last record.
+    """
+    from mulo.meta.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = trainer.config
+    log = log or (lambda record: None)
+    if checkpoint is not None:
+        from pathlib import Path
+
+        if Path(checkpoint).exists():
+            load_checkpoint(checkpoint, trainer)
+            if trainer.rank == 0:
+                log({"step": trainer.outer_step, "resumed_from": str(checkpoint)})
+    end = cfg.outer_steps if steps is None else min(cfg.outer_steps, trainer.outer_step + steps)
+    record = None
+    while trainer.outer_step < end:
+        record = trainer.step()
+        n = trainer.outer_step
+        if cfg.eval_every and cfg.eval_width and n % cfg.eval_every == 0 and trainer.rank == 0:
+            record.update({f"eval/{k}": v for k, v in trainer.evaluate().items()})
+        if trainer.rank == 0:
+            log(record)
+        if checkpoint is not None and (
+            (cfg.checkpoint_every and n % cfg.checkpoint_every == 0) or n == end
+        ):
+            save_checkpoint(checkpoint, trainer)
+    return record
