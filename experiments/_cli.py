@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-GROUPS = ("task", "optimizer", "parametrization", "logger")
+GROUPS = ("task", "optimizer", "parametrization", "logger", "experiment", "meta")
 DIR_KEYS = ("out_dir", "hydra.run.dir", "hydra.sweep.dir")
 
 

@@ -5,6 +5,7 @@ run with the same seed."""
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,18 @@ import torch.distributed as dist
 from mulo.meta import MetaConfig, MetaTrainer, MLPTask, load_checkpoint, pair_range
 
 TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These populations are tiny: one thread is as fast, and immune to a busy machine (two
+    multi-threaded jobs on two cores slow each other by an order of magnitude)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(False)  # MetaTrainer turned it on; leave later tests as found
+
 
 # Rank 0 first computes the single-process reference (world of one, no process group), then
 # both ranks join the group and repeat the same computation with the pairs split.
@@ -86,13 +99,17 @@ def test_two_gloo_processes_equal_one(tmp_path):
         )
         for r in range(2)
     ]
-    try:
-        outputs = [p.communicate(timeout=240) for p in procs]
+    try:  # a rank that fails leaves the other waiting in a collective: stop it at once
+        deadline = time.monotonic() + 240
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.05)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-                p.wait()
+        outputs = [p.communicate() for p in procs]
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
     result = torch.load(out, weights_only=True)

@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -43,6 +44,7 @@ from mulo.meta.estimators import (
     unflatten_meta,
     unroll_,
 )
+from mulo.meta_weights import check_meta_params, load_meta_weights
 
 EVAL_SEED_BASE = 1_000_003  # held-out inits and batch streams: far from the training seeds
 
@@ -77,7 +79,9 @@ class MetaConfig:
     clip: float = 1.0
     estimator: str = "pes"
     seed: int = 0
-    chunk_size: int = LF.DEFAULT_CHUNK_SIZE
+    # elements per particle per chunk of the LO step; the population's buffers are 2N times
+    # that, so it is smaller than the single-model default (4096 was fastest at widths 32-128)
+    chunk_size: int = 4096
     dataset: str = "fashion_mnist"
     data_root: str | None = None
     image_pool: int = 2
@@ -88,8 +92,11 @@ class MetaConfig:
     eval_every: int = 0
     checkpoint_every: int = 50
 
-    # Fields that do not change the trajectory (a checkpoint resumes across changes to them).
+    # Fields a checkpoint resumes across: they do not change the trajectory, except
+    # ``outer_steps``: a longer run continues from the checkpoint with the cosine decay
+    # stretched to the new length (from the next step on).
     NON_TRAJECTORY = (
+        "outer_steps",
         "chunk_size",
         "data_root",
         "device",
@@ -149,7 +156,7 @@ class MetaConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def fingerprint(self) -> dict:
-        """The fields a checkpoint must agree on to continue the same trajectory."""
+        """The fields a checkpoint must agree on to continue the run."""
         return {k: v for k, v in self.to_dict().items() if k not in self.NON_TRAJECTORY}
 
 
@@ -181,7 +188,8 @@ class MetaTrainer:
         task_factory: ``width -> InnerTask``; default: :meth:`MLPTask.from_dataset` with the
             config's depth, kind, dataset and batch size. Called for every training width
             and (lazily) for ``eval_width``.
-        meta_init: starting meta-parameters (dict); default the seeded meta-initialisation.
+        meta_init: starting meta-parameters (a dict, or a meta-weights file / shipped name);
+            default the meta-initialisation seeded with ``config.seed``.
         rank, world_size: default: from the initialised process group, else (0, 1).
     """
 
@@ -190,7 +198,7 @@ class MetaTrainer:
         config: MetaConfig,
         task_factory: Callable[[int], InnerTask] | None = None,
         *,
-        meta_init: dict[str, Tensor] | None = None,
+        meta_init: dict[str, Tensor] | str | Path | None = None,
         rank: int | None = None,
         world_size: int | None = None,
     ):
@@ -222,15 +230,20 @@ class MetaTrainer:
         ]
         if meta_init is None:
             meta_init = LF.init_meta_params(generator=torch.Generator().manual_seed(cfg.seed))
+        elif not isinstance(meta_init, dict):  # a meta-weights file or shipped name
+            meta_init, _ = load_meta_weights(meta_init)
+        check_meta_params(meta_init, "meta_init")
         theta = flatten_meta({k: v.detach().float() for k, v in meta_init.items()})
         self.theta = torch.nn.Parameter(theta.to(self.device).clone())
         self.optimizer = torch.optim.AdamW(
             [self.theta], lr=cfg.lr_max, betas=(0.9, 0.999), weight_decay=cfg.weight_decay
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, WarmupCosine(cfg.warmup, cfg.outer_steps, cfg.lr_min / cfg.lr_max)
-        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._schedule())
         self.outer_step = 0
+
+    def _schedule(self) -> WarmupCosine:
+        cfg = self.config
+        return WarmupCosine(cfg.warmup, cfg.outer_steps, cfg.lr_min / cfg.lr_max)
 
     def _default_task(self, width: int) -> MLPTask:
         cfg = self.config
@@ -260,8 +273,8 @@ class MetaTrainer:
         grad = per_task.mean(0)
         stats: dict = {}
         losses = rows[:, :, NUM_META:].mean(dim=(1, 2))  # mean of L+ and L- over pairs
-        for task, loss, info in zip(self.tasks, losses.tolist(), infos, strict=True):
-            key = _task_key(task)
+        keys = self.task_keys()
+        for key, loss, info in zip(keys, losses.tolist(), infos, strict=True):
             stats[f"meta_loss/{key}"] = loss
             for k, v in info.items():
                 stats[f"{k}/{key}"] = v
@@ -295,6 +308,15 @@ class MetaTrainer:
             "lr": lr,
             "seconds": time.perf_counter() - start,
         }
+
+    def task_keys(self) -> list[str]:
+        """Log names of the inner problems: ``w<width>`` (``w<width>_<i>`` if repeated)."""
+        keys = []
+        for i, task in enumerate(self.tasks):
+            describe = task.describe()
+            key = f"w{describe['width']}" if "width" in describe else describe.get("task", "task")
+            keys.append(key if key not in keys else f"{key}_{i}")
+        return keys
 
     # -- evaluation ---------------------------------------------------------------------------
 
@@ -381,12 +403,15 @@ class MetaTrainer:
             self.theta.copy_(theta.to(self.theta.device, self.theta.dtype))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # LambdaLR restored the saved schedule's fields; the configured run length wins (the
+        # same values, hence the same learning rates, unless outer_steps was changed)
+        schedule = self.scheduler.lr_lambdas[0]
+        schedule.__dict__.update(self._schedule().__dict__)
+        step = self.scheduler.last_epoch
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * schedule(step)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         self.outer_step = int(state["outer_step"])
-
-
-def _task_key(task) -> str:
-    describe = task.describe()
-    return f"w{describe['width']}" if "width" in describe else describe.get("task", "task")
 
 
 def run_meta_training(
@@ -409,8 +434,6 @@ def run_meta_training(
     cfg = trainer.config
     log = log or (lambda record: None)
     if checkpoint is not None:
-        from pathlib import Path
-
         if Path(checkpoint).exists():
             load_checkpoint(checkpoint, trainer)
             if trainer.rank == 0:

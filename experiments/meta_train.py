@@ -1,0 +1,130 @@
+"""Meta-train small_fc_lopt with PES (or ES): resumable, and scalable with torchrun.
+
+    python -m experiments.meta_train experiment=mulo_s            # μLO, one width
+    python -m experiments.meta_train experiment=splo_m logger=wandb
+    torchrun --nproc_per_node=2 -m experiments.meta_train experiment=mulo_m
+    python -m experiments.meta_train experiment=mulo_s meta.outer_steps=50 out_dir=/tmp/quick
+
+Everything goes to ``<out_dir>/meta_train/<experiment>/``, a directory fixed by the experiment
+name so that re-running the same command after a crash (kill -9 included) resumes from the last
+checkpoint on the same trajectory:
+- ``checkpoint.pt`` (+ ``checkpoint.pt.prev``) every ``meta.checkpoint_every`` outer steps;
+- ``metrics.jsonl``: meta-loss, gradient and update norms, lr, seconds per outer step, and every
+  ``meta.eval_every`` steps the held-out evaluation on a wider fresh MLP (``eval/...``);
+- ``meta_weights.pt``: the current learned optimizer with its provenance, loadable with
+  ``mulo.MuLO(model, meta_weights=".../meta_weights.pt")``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from experiments._cli import check_argv, one_line_errors, run_dir
+from mulo.loggers import JsonlLogger, Loggers, WandbLogger
+from mulo.meta import MetaConfig, MetaTrainer, run_meta_training
+from mulo.meta.distributed import init_distributed, shutdown
+from mulo.meta_weights import save_meta_weights
+
+
+def project_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def export(trainer: MetaTrainer, path: Path, name: str, meta_loss: float | None) -> None:
+    """The current meta-parameters as a mulo meta-weights file with provenance."""
+    save_meta_weights(
+        path,
+        trainer.meta_params(),
+        {
+            "name": name,
+            "config": trainer.config.to_dict(),
+            "outer_steps": trainer.outer_step,
+            "final_meta_loss": meta_loss,
+            "commit": project_commit(),
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+        },
+    )
+
+
+@one_line_errors
+def run(cfg: DictConfig) -> None:
+    config = OmegaConf.to_container(cfg, resolve=True)
+    meta = MetaConfig.from_dict(config["meta"])
+    rank, world_size = init_distributed()
+    out = run_dir()
+    checkpoint = out / "checkpoint.pt"
+    if config["fresh"] and rank == 0 and checkpoint.exists():
+        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(str(out), aside)
+        out.mkdir(parents=True)
+        print(f"fresh=true: moved the previous run to {aside}")
+    trainer = MetaTrainer(meta)
+    log = Loggers()
+    if rank == 0:
+        log = Loggers(JsonlLogger(out / "metrics.jsonl"), _wandb(config, meta, out))
+    bar = tqdm(
+        total=meta.outer_steps,
+        desc=f"meta-train {config['name']}",
+        disable=rank != 0 or not config["progress"],
+        dynamic_ncols=True,
+    )
+    last: dict = {}
+
+    def on_record(record: dict) -> None:
+        log.log(record)
+        if "meta_loss" in record:
+            last.update(record)
+            bar.set_postfix(meta_loss=f"{record['meta_loss']:.3f}", s=f"{record['seconds']:.1f}")
+        bar.update(record["step"] - bar.n)
+
+    run_meta_training(trainer, str(checkpoint), log=on_record)
+    bar.close()
+    if rank == 0:
+        export(trainer, out / "meta_weights.pt", config["name"], last.get("meta_loss"))
+        log.close({"outer_steps": trainer.outer_step, "final_meta_loss": last.get("meta_loss")})
+        print(
+            f"{config['name']}: {trainer.outer_step} outer steps on {world_size} process(es), "
+            f"meta-loss {last.get('meta_loss', float('nan')):.4f}\n"
+            f"checkpoint: {checkpoint}\nmeta-weights: {out / 'meta_weights.pt'}"
+        )
+    shutdown()
+
+
+def _wandb(config: dict, meta: MetaConfig, out: Path):
+    logger_cfg = config["logger"]
+    if logger_cfg.get("name") != "wandb":
+        return None
+    return WandbLogger(
+        config=config,
+        project=logger_cfg.get("project", "mulo"),
+        entity=logger_cfg.get("entity"),
+        group=logger_cfg.get("group") or "meta_train",
+        tags=[config["name"], meta.kind, meta.estimator, *map(str, meta.widths)],
+        name=config["name"],
+        directory=out,
+        mode=logger_cfg.get("mode"),
+    )
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="meta_train")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    check_argv(sys.argv[1:])
+    main()
