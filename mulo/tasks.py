@@ -20,7 +20,6 @@ stacked ``[P, ...]`` tensors and computes all P losses (and gradients) in one ba
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 
 import parametrizations as P
 from mulo import data as D
+from parametrizations.builders import check_positive
 
 TASK_NAMES = ("mlp", "cnn", "transformer")
 IMAGE_DATASETS = ("fashion_mnist", "mnist", "cifar10")
@@ -48,16 +48,6 @@ def clear_data_cache() -> None:
     environment variables between calls is not noticed until this is called.
     """
     _DATA_CACHE.clear()
-
-
-def _check_positive(**sizes) -> None:
-    for key, value in sizes.items():
-        try:
-            ok = operator.index(value) > 0
-        except TypeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"{key} must be a positive integer, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,11 +220,11 @@ def build_task(
     """
     if name not in TASK_NAMES:
         raise ValueError(f"unknown task {name!r}; valid names: {', '.join(TASK_NAMES)}")
-    _check_positive(
+    check_positive(
         width=width, depth=depth, batch_size=batch_size, eval_size=eval_size, image_pool=image_pool
     )
     if name == "transformer":
-        _check_positive(context=context)
+        check_positive(context=context)
     scheme = P.get(parametrization).name  # validates the name early, before any data is read
     dataset = _canonical_dataset(name, dataset)
     device = torch.device(device)
@@ -334,7 +324,7 @@ class MLPPopulation:
         output_mult: float = 1.0,
         device: str | torch.device = "cpu",
     ):
-        _check_positive(population=population)
+        check_positive(population=population)
         models = []
         with torch.random.fork_rng(devices=[]):
             for i in range(population):

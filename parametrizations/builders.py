@@ -20,7 +20,8 @@ from .readout import Readout
 from .schemes import MuP, get
 
 
-def _positive(**sizes: int) -> None:
+def check_positive(**sizes: int) -> None:
+    """One-line ValueError for any size that is not a positive integer."""
     for key, value in sizes.items():
         try:
             ok = operator.index(value) > 0
@@ -55,7 +56,7 @@ def mlp(
 
     Modules are named ``input, act1, hidden1, act2, ..., readout``: parameter names say the role.
     """
-    _positive(in_features=in_features, width=width, depth=depth, out_features=out_features)
+    check_positive(in_features=in_features, width=width, depth=depth, out_features=out_features)
     layers: list[tuple[str, nn.Module]] = [("input", nn.Linear(in_features, width, bias=bias))]
     layers.append(("act1", activation()))
     for i in range(1, depth):
@@ -86,7 +87,7 @@ def cnn(
     up to that point. Then ``pool`` (global average) and ``readout``. Biases start at zero
     (`bias_std`) under both parametrizations.
     """
-    _positive(
+    check_positive(
         in_channels=in_channels,
         width=width,
         depth=depth,
@@ -208,7 +209,7 @@ def _heads(width: int, num_heads: int | None, head_dim: int | None) -> int:
     if num_heads is None and head_dim is None:
         return next(h for h in (4, 2, 1) if width % h == 0)
     given = {k: v for k, v in (("num_heads", num_heads), ("head_dim", head_dim)) if v is not None}
-    _positive(**given)
+    check_positive(**given)
     heads = num_heads if num_heads is not None else width // head_dim
     dim = head_dim if head_dim is not None else width // heads
     if heads * dim != width:
@@ -244,7 +245,9 @@ def transformer_lm(
     ``readout`` output. `zero_query` (default: True under μP, False under SP) zero-initialises the
     query projection. Biases start at zero (`bias_std`).
     """
-    _positive(vocab_size=vocab_size, width=width, depth=depth, context=context, mlp_ratio=mlp_ratio)
+    check_positive(
+        vocab_size=vocab_size, width=width, depth=depth, context=context, mlp_ratio=mlp_ratio
+    )
     heads = _heads(width, num_heads, head_dim)
     param = get(parametrization)
     scale = float(attn_mult) * param.attention_scale(width // heads)

@@ -17,15 +17,7 @@ from mulo.meta import MetaConfig, MetaTrainer, MLPTask, load_checkpoint, pair_ra
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These populations are tiny: one thread is as fast, and immune to a busy machine (two
-    multi-threaded jobs on two cores slow each other by an order of magnitude)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(False)  # MetaTrainer turned it on; leave later tests as found
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Rank 0 first computes the single-process reference (world of one, no process group), then

@@ -26,15 +26,7 @@ K, TRUNCS = 4, 3  # truncation length and truncations per inner run in the gradi
 T = K * TRUNCS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These populations are tiny: one thread is as fast, and immune to a busy machine (two
-    multi-threaded jobs on two cores slow each other by an order of magnitude)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(False)  # MetaTrainer turned it on; leave later tests as found
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

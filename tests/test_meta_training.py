@@ -27,15 +27,7 @@ from mulo.meta.checkpoint import prev_path
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These populations are tiny: one thread is as fast, and immune to a busy machine (two
-    multi-threaded jobs on two cores slow each other by an order of magnitude)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(False)  # MetaTrainer turned it on; leave later tests as found
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic(n_train=1024, n_test=256, features=24, classes=10, seed=0):
