@@ -55,19 +55,20 @@ def sweep(config: dict, out: Path) -> list[dict]:
     return runs
 
 
-def best_per_width(runs: list[dict]) -> dict[tuple[str, int], list[dict]]:
-    """For each (entry, width): the seeds' runs at the lr with the lowest mean final loss."""
+def best_lr_runs(runs: list[dict], axis: str = "width") -> dict[tuple[str, int], list[dict]]:
+    """For each (entry, value of ``axis``): the seeds' runs at the lr with the lowest mean final
+    train loss (a diverged seed counts as infinite, so it disqualifies its lr)."""
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
-        groups.setdefault((r["entry"], r["width"], r["lr"]), []).append(r)
+        groups.setdefault((r["entry"], r[axis], r["lr"]), []).append(r)
     best: dict[tuple[str, int], list[dict]] = {}
-    for (entry, width, _lr), rs in groups.items():
+    for (entry, value, _lr), rs in groups.items():
         score = statistics.fmean(_finite(r["final_train_loss"]) for r in rs)
-        current = best.get((entry, width))
+        current = best.get((entry, value))
         if current is None or score < statistics.fmean(
             _finite(r["final_train_loss"]) for r in current
         ):
-            best[(entry, width)] = rs
+            best[(entry, value)] = rs
     return best
 
 
@@ -83,17 +84,21 @@ def _mean_std(values: list[float]) -> str:
     return f"{m:.4f} ± {s:.4f}"
 
 
-def table(best: dict, entries: list[str], widths: list[int]) -> str:
+def table(
+    best: dict, entries: list[str], values: list[int], axis: str = "width",
+    metric: str = "eval_accuracy",
+) -> str:  # fmt: skip
+    label = {"eval_accuracy": "acc", "eval_bpb": "bpb"}.get(metric, metric)
     lines = [
-        "| width | " + " | ".join(f"{e} loss | {e} acc" for e in entries) + " |",
+        f"| {axis} | " + " | ".join(f"{e} loss | {e} {label}" for e in entries) + " |",
         "|---:|" + "---:|---:|" * len(entries),
     ]
-    for w in widths:
+    for w in values:
         cells = []
         for e in entries:
             rs = best[(e, w)]
             loss = _mean_std([_finite(r["final_train_loss"]) for r in rs])
-            accs = [r.get("eval_accuracy", float("nan")) for r in rs]
+            accs = [r.get(metric, float("nan")) for r in rs]
             acc = "—" if loss == "diverged" else _mean_std(accs)
             lr = rs[0]["lr"]
             cells += [loss + ("" if lr is None else f" (lr {lr:g})"), acc]
@@ -101,7 +106,14 @@ def table(best: dict, entries: list[str], widths: list[int]) -> str:
     return "\n".join(lines)
 
 
-def plot(best: dict, entries: list[str], widths: list[int], path: Path) -> None:
+def plot(
+    best: dict,
+    entries: list[str],
+    values: list[int],
+    path: Path,
+    axis: str = "width",
+    title: str = "Width transfer (MLP, 3 hidden layers)",
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,7 +122,7 @@ def plot(best: dict, entries: list[str], widths: list[int], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for e in entries:
         xs, ms, ss = [], [], []
-        for w in widths:
+        for w in values:
             vals = [_finite(r["final_train_loss"]) for r in best[(e, w)]]
             if all(v < float("inf") for v in vals):
                 xs.append(w)
@@ -118,9 +130,9 @@ def plot(best: dict, entries: list[str], widths: list[int], path: Path) -> None:
                 ss.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
         ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=e)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("width")
-    ax.set_ylabel("final train loss (best lr per width)")
-    ax.set_title("Width transfer (MLP, 3 hidden layers)")
+    ax.set_xlabel(axis)
+    ax.set_ylabel(f"final train loss (best lr per {axis})")
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -136,7 +148,7 @@ def run(cfg: DictConfig) -> Path:
     started = time.perf_counter()
     runs = sweep(config, out)
     entries, widths = list(config["optimizers"]), list(config["widths"])
-    best = best_per_width(runs)
+    best = best_lr_runs(runs)
     md = table(best, entries, widths)
     header = (
         f"Width transfer on {config['task']['name']} ({config['task']['dataset']}), depth "

@@ -69,7 +69,7 @@ def resolve(name_or_path: str | Path) -> Path:
         return path
     shipped = WEIGHTS_DIR / f"{name_or_path}.pt"
     if not shipped.is_file():
-        names = ", ".join(available()) or "none shipped yet"
+        names = ", ".join([*available(), META_INIT])
         raise MetaWeightsError(
             f"unknown meta-weights {str(name_or_path)!r}: pass a .pt path or one of: {names}"
         )
@@ -77,7 +77,9 @@ def resolve(name_or_path: str | Path) -> Path:
 
 
 def load_meta_weights(name_or_path: str | Path) -> tuple[dict[str, Tensor], dict]:
-    """(meta_params, provenance) from a shipped name or a file path."""
+    """(meta_params, provenance) from a shipped name, a file path, or "meta-init"."""
+    if str(name_or_path) == META_INIT:
+        return meta_init()
     path = resolve(name_or_path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -135,8 +137,16 @@ def default_meta_weights(parametrization: str) -> tuple[dict[str, Tensor], dict]
             "meta-initialisation (pass meta_weights=... to load a trained file)",
             stacklevel=4,
         )
+    return meta_init()
+
+
+META_INIT = "meta-init"  # the name that asks for the untrained meta-initialisation explicitly
+
+
+def meta_init() -> tuple[dict[str, Tensor], dict]:
+    """The seeded, untrained meta-initialisation (the floor every trained LO must beat)."""
     meta = init_meta_params(generator=torch.Generator().manual_seed(INIT_SEED))
-    return meta, {"name": "meta-init", "seed": INIT_SEED, "num_meta_params": _count(meta)}
+    return meta, {"name": META_INIT, "seed": INIT_SEED, "num_meta_params": _count(meta)}
 
 
 def _count(meta: dict[str, Tensor]) -> int:

@@ -192,7 +192,7 @@ def test_width_transfer_writes_table_plot_and_runs(data_dir, tmp_path):
 
 
 def test_best_lr_is_chosen_per_width_by_mean_final_loss():
-    from experiments.width_transfer import best_per_width
+    from experiments.width_transfer import best_lr_runs
 
     def r(width, lr, seed, loss):
         return {"entry": "adamw", "width": width, "lr": lr, "seed": seed, "final_train_loss": loss}
@@ -200,6 +200,6 @@ def test_best_lr_is_chosen_per_width_by_mean_final_loss():
     runs = [r(8, 0.1, 0, 1.0), r(8, 0.1, 1, 3.0), r(8, 0.01, 0, 1.5), r(8, 0.01, 1, 1.6)]
     runs += [r(16, 0.1, 0, 0.5), r(16, 0.1, 1, 0.7), r(16, 0.01, 0, float("inf"))]
     runs += [r(16, 0.01, 1, 0.1)]
-    best = best_per_width(runs)
+    best = best_lr_runs(runs)
     assert {x["lr"] for x in best[("adamw", 8)]} == {0.01}
     assert {x["lr"] for x in best[("adamw", 16)]} == {0.1}  # a diverged seed disqualifies

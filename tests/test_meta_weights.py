@@ -321,3 +321,15 @@ def test_explicit_meta_weights_do_not_warn(monkeypatch, tmp_path):
         mulo.SPLO(mlp(), meta_weights=path)
     assert not [w for w in caught if "meta-initialisation" in str(w.message)]
     assert MW._warned == set()
+
+
+def test_meta_init_by_name_is_the_seeded_initialisation_without_warning(recwarn):
+    meta, provenance = mulo.load_meta_weights("meta-init")
+    expected = mulo.functional.init_meta_params(
+        generator=torch.Generator().manual_seed(mulo.meta_weights.INIT_SEED)
+    )
+    assert provenance["name"] == "meta-init"
+    assert all(torch.equal(meta[k], expected[k]) for k in expected)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    mulo.SPLO(model, meta_weights="meta-init")
+    assert not [w for w in recwarn if "meta-initialisation" in str(w.message)]

@@ -1,0 +1,77 @@
+"""experiments.transfer_study: a resumable sweep whose finished cells are kept and skipped."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import write_learnable_fashion
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_learnable_fashion(tmp_path_factory.mktemp("fashion"))
+
+
+def study(out, data_dir, *extra):
+    task = f"{{name: mlp, depth: 2, data_root: {data_dir}, eval_size: 64}}"
+    args = [
+        f"out_dir={out}",
+        "studies=[width,horizon]",
+        "seeds=[0]",
+        "batch_size=16",
+        f"study.width={{axis: width, values: [8, 16], steps: 3, task: {task}}}",
+        f"study.horizon={{axis: steps, values: [2, 4], task: {{name: mlp, width: 8, depth: 2, "
+        f"data_root: {data_dir}, eval_size: 64}}}}",
+        "~optimizers.splo",
+        "~optimizers.muadam",
+        "optimizers.adamw.lrs=[0.001,0.01]",
+        "optimizers.adamw.optimizer.schedule.warmup=0",
+        *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.transfer_study", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+
+
+def cells(out):
+    return [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
+
+
+def test_study_runs_then_skips_finished_cells_and_extends(data_dir, tmp_path):
+    first = study(tmp_path, data_dir)
+    assert first.returncode == 0, first.stderr
+    # entries: mulo, mulo_init (1 lr each) + adamw (2 lrs) = 4 runs per point, 2 points, 2 studies
+    assert len(cells(tmp_path)) == 4 * 2 * 2
+    for name in ("width", "horizon"):
+        assert "| 8 |" in (tmp_path / "width.md").read_text()
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    assert "| 4 |" in (tmp_path / "horizon.md").read_text()
+    horizon = [c for c in cells(tmp_path) if c["study"] == "horizon"]
+    assert sorted({c["steps_done"] for c in horizon}) == [2, 4]
+    assert {c["device"] for c in horizon} == {"cpu"}
+
+    again = study(tmp_path, data_dir)
+    assert again.returncode == 0, again.stderr
+    assert len(cells(tmp_path)) == 16 and "[width|" not in again.stdout  # nothing re-run
+
+    more = study(tmp_path, data_dir, "seeds=[0,1]")
+    assert more.returncode == 0, more.stderr
+    assert len(cells(tmp_path)) == 32
+    assert "|0]" not in more.stdout  # seed-0 cells were not re-run
+
+
+def test_unknown_study_is_one_line(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.transfer_study", f"out_dir={tmp_path}",
+         "studies=[widht]"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: unknown studies ['widht']")
