@@ -11,7 +11,8 @@ checkpoint on the same trajectory:
 - ``checkpoint.pt`` (+ ``checkpoint.pt.prev``) every ``meta.checkpoint_every`` outer steps;
 - ``metrics.jsonl``: meta-loss, gradient and update norms, lr, seconds per outer step, and every
   ``meta.eval_every`` steps the held-out evaluation on a wider fresh MLP (``eval/...``);
-- ``meta_weights.pt``: the current learned optimizer with its provenance, loadable with
+- ``meta_weights.pt`` (refreshed at every checkpoint and at the end): the current learned
+  optimizer with its provenance, loadable with
   ``mulo.MuLO(model, meta_weights=".../meta_weights.pt")``.
 """
 
@@ -89,6 +90,10 @@ def run(cfg: DictConfig) -> None:
         if "meta_loss" in record:
             last.update(record)
             bar.set_postfix(meta_loss=f"{record['meta_loss']:.3f}", s=f"{record['seconds']:.1f}")
+            if meta.checkpoint_every and record["step"] % meta.checkpoint_every == 0:
+                # a loadable snapshot beside each checkpoint, so a long run's weights can be
+                # committed (and tried) while it progresses
+                export(trainer, out / "meta_weights.pt", config["name"], record["meta_loss"])
         bar.update(record["step"] - bar.n)
 
     run_meta_training(trainer, str(checkpoint), log=on_record)
