@@ -81,24 +81,24 @@ def _one_of(kind: str, value: Any, names: Iterable[str]) -> str:
     return key
 
 
-def _positive(name: str, value: Any) -> float:
+def _number(name: str, value: Any, *, strict: bool) -> float:
+    """A finite float that is > 0 (strict) or >= 0; NaN and non-numbers are rejected."""
     try:
         x = float(value)
     except (TypeError, ValueError):
         x = math.nan
-    if not (x > 0 and math.isfinite(x)):  # also rejects NaN
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    if not ((x > 0 if strict else x >= 0) and math.isfinite(x)):
+        bound = "a positive finite number" if strict else "a finite number >= 0"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
     return x
+
+
+def _positive(name: str, value: Any) -> float:
+    return _number(name, value, strict=True)
 
 
 def _non_negative(name: str, value: Any) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        x = math.nan
-    if not (x >= 0 and math.isfinite(x)):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return x
+    return _number(name, value, strict=False)
 
 
 def _integer(name: str, value: Any, minimum: int) -> int:
