@@ -5,34 +5,66 @@ horizon and task families, as a resumable sweep.
     python -m experiments.transfer_study studies=[depth] seeds=[0,1,2]
     python -m experiments.transfer_study studies=[width] device=cuda 'study.width.values=[8192]'
 
-Every finished cell (study, axis value, optimizer entry, lr, seed) is appended to
-``<out_dir>/cells.jsonl`` and skipped when the command runs again, so the study can be run in
-pieces, interrupted and resumed, or split between machines: each cell records the device and
-host it ran on. After each study it writes ``<study>.md`` (final train loss and held-out
-metric, mean ± std over seeds, at each point's best lr) and ``<study>.png``.
+Every finished cell (task, steps, optimizer entry, lr, seed, and for a learned optimizer a hash
+of its meta-weights) is appended to ``<out_dir>/cells.jsonl`` and skipped when the command runs
+again, so the study can be run in pieces, interrupted and resumed, or split between machines:
+each cell records the device and host it ran on. A cell shared by two studies (the width
+study's 256 is the depth study's depth 3) runs once. An entry with an lr grid is tuned per point
+on the first ``tune_seeds`` seeds; its best lr then runs on every seed. After each study it
+writes ``<study>.md`` (final train loss and held-out metric, mean ± std over seeds, at each
+point's best lr) and ``<study>.png``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
+import statistics
 import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+import mulo.meta_weights as MW
 from experiments._cli import check_argv, one_line_errors
 from experiments.evaluate import run_single
-from experiments.width_transfer import best_lr_runs, plot, table
+from experiments.width_transfer import _finite, best_lr_runs, plot, table
+from mulo import SPLO, MuLO
 
 
 def cell_key(study: str, value, entry: str, lr, seed: int) -> str:
     return f"{study}|{value}|{entry}|{'default' if lr is None else f'{lr:g}'}|{seed}"
 
 
+def cell_identity(task: dict, steps: int, entry: str, opt: dict, lr, seed: int, batch: int) -> str:
+    """What a cell computes, independent of which study asked for it: the width study's 256 cell
+    is the depth study's depth-3 cell and the horizon study's 1000-step cell, run once."""
+    what = {"task": task, "steps": steps, "entry": entry, "optimizer": opt["optimizer"],
+            "parametrization": opt["parametrization"], "lr": lr, "seed": seed, "batch": batch,
+            "meta_weights": meta_weights_digest(opt["optimizer"])}  # fmt: skip
+    return json.dumps(what, sort_keys=True, default=str)
+
+
+@functools.cache
+def _digest_of(name: str, parametrization: str) -> str:
+    if name == "default":
+        return MW.digest(MW.default_meta_weights(parametrization)[0])
+    return MW.digest(MW.load_meta_weights(name)[0])
+
+
+def meta_weights_digest(optimizer: dict) -> str | None:
+    """For a learned-optimizer entry, a hash of the meta-weights it loads: a cell run with
+    other weights (e.g. before new ones shipped) is not reused."""
+    cls = {"mulo": MuLO, "splo": SPLO}.get(optimizer["name"])
+    if cls is None:
+        return None
+    return _digest_of(str(optimizer.get("meta_weights") or "default"), cls.parametrization)
+
+
 def load_cells(path: Path) -> dict[str, dict]:
-    """Finished cells by key; a torn last line (a crash mid-write) is ignored."""
+    """Finished cells by identity; a torn last line (a crash mid-write) is ignored."""
     cells = {}
     if path.exists():
         for line in path.read_text().splitlines():
@@ -40,32 +72,48 @@ def load_cells(path: Path) -> dict[str, dict]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            cells[record["key"]] = record
+            cells[record["identity"]] = record
     return cells
 
 
 def run_study(name: str, spec: dict, config: dict, out: Path, cells: dict[str, dict]) -> list:
-    axis = spec["axis"]
+    """Run (or find) every cell of one study; return the records its table reports.
+
+    An entry with an lr grid is tuned per axis value: the grid runs on the first `tune_seeds`
+    seeds, the lr with the lowest mean final train loss wins, and the remaining seeds run at
+    that lr only. The returned records are, per (entry, value), all seeds at the chosen lr.
+    """
+    seeds = config["seeds"]
+    tune_seeds = seeds[: max(1, config["tune_seeds"])]
     records = []
-    for entry, opt in config["optimizers"].items():
-        for value in spec["values"]:
-            for lr in opt["lrs"]:
-                for seed in config["seeds"]:
-                    key = cell_key(name, value, entry, lr, seed)
-                    if key not in cells:
-                        cells[key] = _run_cell(key, name, spec, axis, value, entry, opt, lr,
-                                               seed, config, out)  # fmt: skip
-                    records.append(cells[key])
+    for value in spec["values"]:  # value-major: a partial run leaves whole rows of the table
+        for entry, opt in config["optimizers"].items():
+
+            def cell(lr, seed, value=value, entry=entry, opt=opt):
+                return _cell(name, spec, value, entry, opt, lr, seed, config, out, cells)
+
+            lr = opt["lrs"][0]
+            if len(opt["lrs"]) > 1:
+                grid = {lr: [cell(lr, seed) for seed in tune_seeds] for lr in opt["lrs"]}
+                lr = min(grid, key=lambda lr: mean_final_loss(grid[lr]))
+            records += [cell(lr, seed) for seed in seeds]
     return records
 
 
-def _run_cell(key, name, spec, axis, value, entry, opt, lr, seed, config, out: Path) -> dict:
-    task = dict(spec["task"])
-    steps = spec.get("steps")
+def mean_final_loss(records: list[dict]) -> float:
+    return statistics.fmean(_finite(r["final_train_loss"]) for r in records)
+
+
+def _cell(name, spec, value, entry, opt, lr, seed, config, out: Path, cells) -> dict:
+    axis, task, steps = spec["axis"], dict(spec["task"]), spec.get("steps")
     if axis == "steps":
         steps = value
     else:
         task[axis] = value
+    identity = cell_identity(task, steps, entry, opt, lr, seed, config["batch_size"])
+    if identity in cells:
+        return {**cells[identity], axis: value}
+    key = cell_key(name, value, entry, lr, seed)
     print(f"[{key}]", flush=True)
     summary = run_single(
         task, {**opt["optimizer"], "lr": lr}, parametrization=opt["parametrization"],
@@ -74,11 +122,35 @@ def _run_cell(key, name, spec, axis, value, entry, opt, lr, seed, config, out: P
         logger_cfg={**config["logger"], "group": config["logger"].get("group") or f"study-{name}"},
         config={**config, "study": name}, progress=config["progress"],
     )  # fmt: skip
-    record = {"key": key, "study": name, "entry": entry, **summary, "steps": steps,
-              "device": config["device"], "host": platform.node()}  # fmt: skip
+    record = {"key": key, "identity": identity, "study": name, "entry": entry, **summary,
+              "steps": steps, "device": config["device"], "host": platform.node()}  # fmt: skip
     with (out / "cells.jsonl").open("a") as f:
         f.write(json.dumps(record, default=str) + "\n")
+    cells[identity] = record
     return record
+
+
+def describe(name: str, spec: dict, config: dict) -> str:
+    task = {k: v for k, v in spec["task"].items() if k not in ("data_root", "eval_size")}
+    fixed = "" if spec["axis"] == "steps" else f", {spec['steps']} steps"
+    tuned = config["seeds"][: max(1, config["tune_seeds"])]
+    return (
+        f"Study {name}: {spec['axis']} in {spec['values']}; task {task}{fixed}, batch "
+        f"{config['batch_size']}, seeds {config['seeds']}. Loss = final train loss (mean of the "
+        f"last 10% of steps), mean ± std over seeds; the second column is held-out. Entries "
+        f"with an lr grid report the lr with the lowest mean final train loss on seeds {tuned}, "
+        f"then rerun at that lr on every seed."
+    )
+
+
+def edge_notes(best: dict, config: dict, axis: str) -> list[str]:
+    """Tuned points whose best lr sits on the edge of the grid (the grid may be too narrow)."""
+    notes = []
+    for (entry, value), rs in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        lrs = config["optimizers"][entry]["lrs"]
+        if len(lrs) > 1 and rs[0]["lr"] in (min(lrs), max(lrs)):
+            notes.append(f"{entry} at {axis}={value}: best lr {rs[0]['lr']:g} is a grid edge")
+    return notes
 
 
 @one_line_errors
@@ -98,7 +170,8 @@ def run(cfg: DictConfig) -> Path:
         metric = "eval_bpb" if spec["task"]["name"] == "transformer" else "eval_accuracy"
         best = best_lr_runs(records, axis=axis)
         md = table(best, entries, spec["values"], axis=axis, metric=metric)
-        (out / f"{name}.md").write_text(f"Study {name} ({spec['task']['name']}):\n\n{md}\n")
+        notes = "".join(f"- {n}\n" for n in edge_notes(best, config, axis))
+        (out / f"{name}.md").write_text(f"{describe(name, spec, config)}\n\n{md}\n\n{notes}")
         plot(best, entries, spec["values"], out / f"{name}.png", axis=axis, title=f"study: {name}")
         print(f"\n{name}:\n{md}\n")
     print(f"cells: {out / 'cells.jsonl'} ({len(cells)} finished); tables and plots in {out}")

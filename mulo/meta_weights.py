@@ -6,6 +6,7 @@ A file is a ``torch.save`` of ``{"format", "version", "architecture", "meta_para
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -101,6 +102,15 @@ def load_meta_weights(name_or_path: str | Path) -> tuple[dict[str, Tensor], dict
     meta = payload.get("meta_params")
     check_meta_params(meta, str(path))
     return {k: meta[k].float() for k in META_SHAPES}, dict(payload.get("provenance") or {})
+
+
+def digest(meta: dict[str, Tensor]) -> str:
+    """A short content hash of meta-parameters: which learned optimizer produced a result."""
+    h = hashlib.sha256()
+    for name in sorted(meta):
+        h.update(name.encode())
+        h.update(meta[name].detach().cpu().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def check_meta_params(meta, where: str) -> None:

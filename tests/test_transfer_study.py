@@ -25,7 +25,7 @@ def study(out, data_dir, *extra):
         "seeds=[0]",
         "batch_size=16",
         f"study.width={{axis: width, values: [8, 16], steps: 3, task: {task}}}",
-        f"study.horizon={{axis: steps, values: [2, 4], task: {{name: mlp, width: 8, depth: 2, "
+        f"study.horizon={{axis: steps, values: [3, 4], task: {{name: mlp, width: 8, depth: 2, "
         f"data_root: {data_dir}, eval_size: 64}}}}",
         "~optimizers.splo",
         "~optimizers.muadam",
@@ -47,24 +47,36 @@ def cells(out):
 def test_study_runs_then_skips_finished_cells_and_extends(data_dir, tmp_path):
     first = study(tmp_path, data_dir)
     assert first.returncode == 0, first.stderr
-    # entries: mulo, mulo_init (1 lr each) + adamw (2 lrs) = 4 runs per point, 2 points, 2 studies
-    assert len(cells(tmp_path)) == 4 * 2 * 2
+    # entries: mulo, mulo_init (1 lr each) + adamw (2 lrs) = 4 runs per point; the horizon
+    # study's 3-step point is the width study's width-8 cell, so it is reused, not re-run
+    assert len(cells(tmp_path)) == 4 * 2 + 4
     for name in ("width", "horizon"):
-        assert "| 8 |" in (tmp_path / "width.md").read_text()
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
-    assert "| 4 |" in (tmp_path / "horizon.md").read_text()
+    assert "| 8 |" in (tmp_path / "width.md").read_text()
+    horizon_md = (tmp_path / "horizon.md").read_text()
+    assert "| 3 |" in horizon_md and "| 4 |" in horizon_md and "seeds [0]" in horizon_md
     horizon = [c for c in cells(tmp_path) if c["study"] == "horizon"]
-    assert sorted({c["steps_done"] for c in horizon}) == [2, 4]
+    assert sorted({c["steps_done"] for c in horizon}) == [4]
     assert {c["device"] for c in horizon} == {"cpu"}
 
     again = study(tmp_path, data_dir)
     assert again.returncode == 0, again.stderr
-    assert len(cells(tmp_path)) == 16 and "[width|" not in again.stdout  # nothing re-run
+    assert len(cells(tmp_path)) == 12 and "[width|" not in again.stdout  # nothing re-run
 
     more = study(tmp_path, data_dir, "seeds=[0,1]")
     assert more.returncode == 0, more.stderr
-    assert len(cells(tmp_path)) == 32
     assert "|0]" not in more.stdout  # seed-0 cells were not re-run
+    # seed 1 runs each entry once per point: adamw only at the lr seed 0 chose
+    assert len(cells(tmp_path)) == 12 + 3 * 3
+    for width in (8, 16):
+        grid = {c["lr"]: c["final_train_loss"] for c in cells(tmp_path)
+                if c["entry"] == "adamw" and c["width"] == width and c["seed"] == 0
+                and c["study"] == "width"}  # fmt: skip
+        chosen = [c["lr"] for c in cells(tmp_path)
+                  if c["entry"] == "adamw" and c["width"] == width and c["seed"] == 1
+                  and c["study"] == "width"]  # fmt: skip
+        assert chosen == [min(grid, key=grid.get)]
+        assert f"(lr {chosen[0]:g})" in (tmp_path / "width.md").read_text()
 
 
 def test_unknown_study_is_one_line(tmp_path):
