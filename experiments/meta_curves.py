@@ -27,8 +27,10 @@ def read_metrics(run: Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a torn last line
-        if "meta_loss" in record:  # not the "resumed_from" markers
-            records[record["step"]] = record  # a resumed run rewrites steps after its checkpoint
+        if "resumed_from" in record:  # steps after the checkpoint are redone from here on
+            records = {s: r for s, r in records.items() if s <= record["step"]}
+        elif "meta_loss" in record:
+            records[record["step"]] = record
     return [records[s] for s in sorted(records)]
 
 

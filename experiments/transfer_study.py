@@ -17,9 +17,10 @@ point's best lr) and ``<study>.png``.
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import json
 import platform
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -33,6 +34,8 @@ from experiments.evaluate import run_single
 from experiments.width_transfer import _finite, best_lr_runs, plot, table
 from mulo import SPLO, MuLO
 
+AXES = ("width", "depth", "steps")  # what a study varies (the records carry these fields)
+
 
 def cell_key(study: str, value, entry: str, lr, seed: int) -> str:
     return f"{study}|{value}|{entry}|{'default' if lr is None else f'{lr:g}'}|{seed}"
@@ -40,14 +43,20 @@ def cell_key(study: str, value, entry: str, lr, seed: int) -> str:
 
 def cell_identity(task: dict, steps: int, entry: str, opt: dict, lr, seed: int, batch: int) -> str:
     """What a cell computes, independent of which study asked for it: the width study's 256 cell
-    is the depth study's depth-3 cell and the horizon study's 1000-step cell, run once."""
-    what = {"task": task, "steps": steps, "entry": entry, "optimizer": opt["optimizer"],
-            "parametrization": opt["parametrization"], "lr": lr, "seed": seed, "batch": batch,
+    is the depth study's depth-3 cell and the horizon study's 1000-step cell, run once.
+    Spellings that compute the same thing match: lr 1 and 1.0, an explicit ``null``, the
+    meta-weights by name or by path (their content hash counts), the images' directory."""
+    if task["name"] != "transformer":
+        task = {k: v for k, v in task.items() if k != "data_root"}  # where, not what
+    optimizer = {k: v for k, v in opt["optimizer"].items() if v is not None}
+    optimizer.pop("meta_weights", None)
+    what = {"task": task, "steps": steps, "entry": entry, "optimizer": optimizer,
+            "parametrization": opt["parametrization"], "lr": None if lr is None else float(lr),
+            "seed": seed, "batch": batch,
             "meta_weights": meta_weights_digest(opt["optimizer"])}  # fmt: skip
     return json.dumps(what, sort_keys=True, default=str)
 
 
-@functools.cache
 def _digest_of(name: str, parametrization: str) -> str:
     if name == "default":
         return MW.digest(MW.default_meta_weights(parametrization)[0])
@@ -64,10 +73,15 @@ def meta_weights_digest(optimizer: dict) -> str | None:
 
 
 def load_cells(path: Path) -> dict[str, dict]:
-    """Finished cells by identity; a torn last line (a crash mid-write) is ignored."""
+    """Finished cells by identity; a torn last line (a crash mid-write) is cut off, so the next
+    record starts on a line of its own."""
     cells = {}
     if path.exists():
-        for line in path.read_text().splitlines():
+        text = path.read_text()
+        if text and not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1]
+            path.write_text(text)
+        for line in text.splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
@@ -115,10 +129,14 @@ def _cell(name, spec, value, entry, opt, lr, seed, config, out: Path, cells) -> 
         return {**cells[identity], axis: value}
     key = cell_key(name, value, entry, lr, seed)
     print(f"[{key}]", flush=True)
+    # the directory is this computation's: another lr spelling or new meta-weights get their own
+    tag = hashlib.sha1(identity.encode()).hexdigest()[:8]
+    run_out = out / "runs" / f"{key.replace('|', '-')}-{tag}"
+    shutil.rmtree(run_out, ignore_errors=True)  # a cell restarted after a crash starts clean
     summary = run_single(
         task, {**opt["optimizer"], "lr": lr}, parametrization=opt["parametrization"],
         steps=steps, batch_size=config["batch_size"], seed=seed, eval_interval=0,
-        device=config["device"], out=out / "runs" / key.replace("|", "-"),
+        device=config["device"], out=run_out,
         logger_cfg={**config["logger"], "group": config["logger"].get("group") or f"study-{name}"},
         config={**config, "study": name}, progress=config["progress"],
     )  # fmt: skip
@@ -127,7 +145,7 @@ def _cell(name, spec, value, entry, opt, lr, seed, config, out: Path, cells) -> 
     with (out / "cells.jsonl").open("a") as f:
         f.write(json.dumps(record, default=str) + "\n")
     cells[identity] = record
-    return record
+    return {**record, axis: value}
 
 
 def describe(name: str, spec: dict, config: dict) -> str:
@@ -139,8 +157,24 @@ def describe(name: str, spec: dict, config: dict) -> str:
         f"{config['batch_size']}, seeds {config['seeds']}. Loss = final train loss (mean of the "
         f"last 10% of steps), mean ± std over seeds; the second column is held-out. Entries "
         f"with an lr grid report the lr with the lowest mean final train loss on seeds {tuned}, "
-        f"then rerun at that lr on every seed."
+        f"then rerun at that lr on every seed. Meta-weights: {weights_used(config)}."
     )
+
+
+def weights_used(config: dict) -> str:
+    """Which learned optimizer each LO entry ran: its provenance name and content hash."""
+    used = []
+    for entry, opt in config["optimizers"].items():
+        cls = {"mulo": MuLO, "splo": SPLO}.get(opt["optimizer"]["name"])
+        if cls is not None:
+            name = opt["optimizer"].get("meta_weights")
+            meta, provenance = (
+                MW.load_meta_weights(name) if name else MW.default_meta_weights(cls.parametrization)
+            )
+            steps = provenance.get("outer_steps")
+            trained = f", {steps} outer steps" if steps else ""
+            used.append(f"{entry} = {provenance.get('name', name)}{trained} ({MW.digest(meta)})")
+    return "; ".join(used) or "none"
 
 
 def edge_notes(best: dict, config: dict, axis: str) -> list[str]:
@@ -148,7 +182,11 @@ def edge_notes(best: dict, config: dict, axis: str) -> list[str]:
     notes = []
     for (entry, value), rs in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         lrs = config["optimizers"][entry]["lrs"]
-        if len(lrs) > 1 and rs[0]["lr"] in (min(lrs), max(lrs)):
+        if len(lrs) < 2:
+            continue
+        if all(r["diverged"] for r in rs):
+            notes.append(f"{entry} at {axis}={value}: every lr of the grid diverged")
+        elif rs[0]["lr"] in (min(lrs), max(lrs)):
             notes.append(f"{entry} at {axis}={value}: best lr {rs[0]['lr']:g} is a grid edge")
     return notes
 
@@ -159,6 +197,12 @@ def run(cfg: DictConfig) -> Path:
     unknown = sorted(set(config["studies"]) - set(config["study"]))
     if unknown:
         raise ValueError(f"unknown studies {unknown}; choose from {sorted(config['study'])}")
+    if not config["seeds"] or not config["optimizers"]:
+        raise ValueError("seeds and optimizers must each name at least one value")
+    for name in config["studies"]:
+        axis = config["study"][name]["axis"]
+        if axis not in AXES:
+            raise ValueError(f"study {name}: axis must be one of {', '.join(AXES)}, got {axis!r}")
     out = Path(config["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     cells = load_cells(out / "cells.jsonl")

@@ -7,31 +7,45 @@ import pytest
 from experiments import meta_curves
 
 
-def write_run(path, steps, resumed_at=None):
+def write_run(path, steps, crashed_at=None, resumed_from=None, caught_up=True):
+    """A run's metrics.jsonl as meta_train writes it: after a crash at `crashed_at` it resumes
+    from the checkpoint at `resumed_from` (a marker line) and redoes the steps after it."""
     path.mkdir(parents=True)
-    lines = []
-    for step in range(1, steps + 1):
-        record = {"step": step, "meta_loss": 3.0 - step / steps, "seconds": 36.0}
+
+    def record(step, loss):
+        r = {"step": step, "meta_loss": loss, "seconds": 36.0}
         if step == steps:
-            record |= {"eval/width": 64, "eval/steps": 5, "eval/final_train_loss": 0.5,
-                       "eval/test_loss": 0.6, "eval/test_accuracy": 0.8}  # fmt: skip
-        lines.append(json.dumps(record))
-        if step == resumed_at:  # a resume logs a marker and rewrites the later steps
-            lines += [json.dumps({"step": step, "resumed_from": "checkpoint.pt"})]
-            lines += [json.dumps({"step": step + 1, "meta_loss": 99.0})]
+            r |= {"eval/width": 64, "eval/steps": 5, "eval/final_train_loss": 0.5,
+                  "eval/test_loss": 0.6, "eval/test_accuracy": 0.8}  # fmt: skip
+        return json.dumps(r)
+
+    last = steps if crashed_at is None else crashed_at
+    lines = [record(s, 1.0) for s in range(1, last + 1)]
+    if crashed_at is not None:
+        lines.append(json.dumps({"step": resumed_from, "resumed_from": "checkpoint.pt"}))
+        redo_to = steps if caught_up else crashed_at - 2
+        lines += [record(s, 2.0) for s in range(resumed_from + 1, redo_to + 1)]
     (path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": ')  # torn last line
     return path
 
 
-def test_curves_table_and_plot(tmp_path, capsys):
-    a = write_run(tmp_path / "mulo_m", 100, resumed_at=50)
+def test_curves_table_and_plot(tmp_path):
+    a = write_run(tmp_path / "mulo_m", 100, crashed_at=60, resumed_from=50)
     b = write_run(tmp_path / "splo_m", 40)
     meta_curves.main([str(a), str(b), "--out", str(tmp_path / "out"), "--window", "10"])
     md = (tmp_path / "out" / "meta_curves.md").read_text()
-    assert "**mulo_m**: 100 outer steps, 1.00 h" in md  # the rewritten step 51 replaced 99.0
-    assert "**splo_m**: 40 outer steps" in md
+    # steps 51-60 were redone after the resume: counted once, and their new losses win
+    assert "**mulo_m**: 100 outer steps, 1.00 h" in md and "last 10) 2.0000" in md
+    assert "**splo_m**: 40 outer steps" in md and "last 10) 1.0000" in md
     assert "| 100 | 64 | 5 | 0.5000 | 0.6000 | 0.8000 |" in md
     assert (tmp_path / "out" / "meta_curves.png").stat().st_size > 1000
+
+
+def test_a_resume_still_catching_up_drops_the_old_steps(tmp_path):
+    run = write_run(tmp_path / "run", 100, crashed_at=60, resumed_from=50, caught_up=False)
+    records = meta_curves.read_metrics(run)
+    assert [r["step"] for r in records] == list(range(1, 59))  # not the stale 59, 60
+    assert {r["meta_loss"] for r in records[50:]} == {2.0}
 
 
 def test_missing_run_is_one_line(tmp_path, capsys):
