@@ -130,6 +130,10 @@ def plot(
                 ss.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
         ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=e)
     ax.set_xscale("log", base=2)
+    finite = [line for line in ax.get_lines() if len(line.get_ydata())]
+    ys = [y for line in finite for y in line.get_ydata()]
+    if ys and min(ys) > 0 and max(ys) / min(ys) > 3:  # e.g. an untrained floor beside the rest
+        ax.set_yscale("log")
     ax.set_xlabel(axis)
     ax.set_ylabel(f"final train loss (best lr per {axis})")
     ax.set_title(title)
