@@ -275,14 +275,9 @@ def test_shipped_name_lookup(tmp_path, monkeypatch):
 # --- default meta-initialisation --------------------------------------------------------------
 
 
-def _shipped(parametrization: str) -> bool:
-    return MW.DEFAULT_NAMES[parametrization] in mulo.available()
-
-
 @pytest.mark.parametrize("cls, par", [(mulo.MuLO, "mup"), (mulo.SPLO, "sp")])
-def test_default_meta_init_warns_once(monkeypatch, cls, par):
-    if _shipped(par):
-        pytest.skip("default meta-weights ship with the package")
+def test_default_meta_init_warns_once(monkeypatch, tmp_path, cls, par):
+    monkeypatch.setattr(MW, "WEIGHTS_DIR", tmp_path)  # a build without the shipped files
     monkeypatch.setattr(MW, "_warned", set())  # as in a fresh process, whatever ran before
     with pytest.warns(UserWarning, match="meta-initialisation") as first:
         opt = cls(mlp())
@@ -301,9 +296,8 @@ def test_default_meta_init_warns_once(monkeypatch, cls, par):
         assert_same(run(cls, None), run(cls, seeded))
 
 
-def test_default_warning_is_per_optimizer_kind(monkeypatch):
-    if _shipped("mup") or _shipped("sp"):
-        pytest.skip("default meta-weights ship with the package")
+def test_default_warning_is_per_optimizer_kind(monkeypatch, tmp_path):
+    monkeypatch.setattr(MW, "WEIGHTS_DIR", tmp_path)  # a build without the shipped files
     monkeypatch.setattr(MW, "_warned", set())
     with pytest.warns(UserWarning, match="meta-initialisation"):
         mulo.MuLO(mlp())
