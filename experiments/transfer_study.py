@@ -21,7 +21,6 @@ import hashlib
 import json
 import platform
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 import mulo.meta_weights as MW
 from experiments._cli import check_argv, one_line_errors
 from experiments.evaluate import run_single
-from experiments.width_transfer import _finite, best_lr_runs, plot, table
+from experiments.width_transfer import best_lr_runs, mean_final_loss, plot, table
 from mulo import SPLO, MuLO
 
 AXES = ("width", "depth", "steps")  # what a study varies (the records carry these fields)
@@ -112,10 +111,6 @@ def run_study(name: str, spec: dict, config: dict, out: Path, cells: dict[str, d
                 lr = min(grid, key=lambda lr: mean_final_loss(grid[lr]))
             records += [cell(lr, seed) for seed in seeds]
     return records
-
-
-def mean_final_loss(records: list[dict]) -> float:
-    return statistics.fmean(_finite(r["final_train_loss"]) for r in records)
 
 
 def _cell(name, spec, value, entry, opt, lr, seed, config, out: Path, cells) -> dict:

@@ -63,13 +63,15 @@ def best_lr_runs(runs: list[dict], axis: str = "width") -> dict[tuple[str, int],
         groups.setdefault((r["entry"], r[axis], r["lr"]), []).append(r)
     best: dict[tuple[str, int], list[dict]] = {}
     for (entry, value, _lr), rs in groups.items():
-        score = statistics.fmean(_finite(r["final_train_loss"]) for r in rs)
         current = best.get((entry, value))
-        if current is None or score < statistics.fmean(
-            _finite(r["final_train_loss"]) for r in current
-        ):
+        if current is None or mean_final_loss(rs) < mean_final_loss(current):
             best[(entry, value)] = rs
     return best
+
+
+def mean_final_loss(runs: list[dict]) -> float:
+    """The lr-selection score: mean final train loss, a diverged (NaN/inf) run counting as inf."""
+    return statistics.fmean(_finite(r["final_train_loss"]) for r in runs)
 
 
 def _finite(x: float) -> float:
