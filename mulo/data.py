@@ -29,7 +29,6 @@ import gzip
 import hashlib
 import os
 import pickle
-import tempfile
 import urllib.request
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -38,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from mulo._atomic import atomic_path
 
 PathLike = str | os.PathLike
 
@@ -272,12 +273,10 @@ def download_file(url: str, dest: PathLike, md5: str | None = None) -> Path:
     """Fetch ``url`` into ``dest`` atomically: a temp file in the same directory, md5-checked
     (when ``md5`` is given), then renamed. On any failure nothing is left at ``dest``."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        digest = hashlib.md5(usedforsecurity=False)
+    digest = hashlib.md5(usedforsecurity=False)
+    with atomic_path(dest, suffix=".part") as tmp:
         with (
-            os.fdopen(fd, "wb") as out,
+            open(tmp, "wb") as out,
             urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response,
         ):
             while chunk := response.read(1 << 20):
@@ -285,10 +284,6 @@ def download_file(url: str, dest: PathLike, md5: str | None = None) -> Path:
                 out.write(chunk)
         if md5 is not None and digest.hexdigest() != md5:
             raise ValueError(f"md5 mismatch: got {digest.hexdigest()}, expected {md5}")
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return dest
 
 

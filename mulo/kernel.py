@@ -18,12 +18,13 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from mulo._atomic import atomic_path
 
 SOURCE = Path(__file__).parent / "kernels" / "lo_net.c"
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
@@ -50,21 +51,14 @@ def _build(compiler: str) -> Path:
         b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), _cpu_flags().encode()])
     ).hexdigest()[:16]
     target = cache_dir() / f"lo_net-{platform.machine()}-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
+    if not target.exists():  # built beside it, then renamed: no one ever loads a partial file
+        with atomic_path(target, suffix=".so", mode=0o777) as tmp:
             subprocess.run(
-                [compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"],
+                [compiler, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"],
                 check=True,
                 capture_output=True,
                 timeout=120,
             )
-            os.replace(tmp, target)  # atomic: concurrent builders never see a partial file
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     return target
 
 

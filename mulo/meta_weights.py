@@ -9,14 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from mulo._atomic import atomic_path
 from mulo.functional import META_SHAPES, init_meta_params
 
 FORMAT = "mulo-meta-weights"
@@ -41,16 +40,8 @@ def save_meta_weights(path: str | Path, meta: dict[str, Tensor], provenance: dic
         # plain JSON types only, so that weights_only loading can read it back
         "provenance": json.loads(json.dumps(dict(provenance or {}), default=_plain)),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:  # a crash never leaves a half-written file under the name
         torch.save(payload, tmp)
-        os.replace(tmp, path)  # atomic: a crash never leaves a half-written file under the name
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _plain(obj):

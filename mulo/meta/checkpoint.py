@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from mulo._atomic import atomic_path
 from mulo.meta import distributed as dist_utils
 
 FORMAT = "mulo-meta-checkpoint"
@@ -70,20 +71,10 @@ def _plain(obj):
 
 
 def _atomic_save(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_path(path, durable=True) as tmp:
+        torch.save(payload, tmp)
         if path.exists():
             _keep_previous(path)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _keep_previous(path: Path) -> None:
@@ -97,19 +88,6 @@ def _keep_previous(path: Path) -> None:
     except OSError:
         shutil.copyfile(path, tmp)
     os.replace(tmp, prev)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_checkpoint(path: str | Path) -> dict:
