@@ -119,7 +119,8 @@ def _cell(name, spec, value, entry, opt, lr, seed, config, out: Path, cells) -> 
         steps = value
     else:
         task[axis] = value
-    identity = cell_identity(task, steps, entry, opt, lr, seed, config["batch_size"])
+    batch_size = study_batch_size(spec, config)
+    identity = cell_identity(task, steps, entry, opt, lr, seed, batch_size)
     if identity in cells:
         return {**cells[identity], axis: value}
     key = cell_key(name, value, entry, lr, seed)
@@ -130,7 +131,7 @@ def _cell(name, spec, value, entry, opt, lr, seed, config, out: Path, cells) -> 
     shutil.rmtree(run_out, ignore_errors=True)  # a cell restarted after a crash starts clean
     summary = run_single(
         task, {**opt["optimizer"], "lr": lr}, parametrization=opt["parametrization"],
-        steps=steps, batch_size=config["batch_size"], seed=seed, eval_interval=0,
+        steps=steps, batch_size=batch_size, seed=seed, eval_interval=0,
         device=config["device"], out=run_out,
         logger_cfg={**config["logger"], "group": config["logger"].get("group") or f"study-{name}"},
         config={**config, "study": name}, progress=config["progress"],
@@ -143,13 +144,19 @@ def _cell(name, spec, value, entry, opt, lr, seed, config, out: Path, cells) -> 
     return {**record, axis: value}
 
 
+def study_batch_size(spec: dict, config: dict) -> int:
+    """A study may set its own batch size (e.g. a transformer too slow at the global one)."""
+    return spec.get("batch_size") or config["batch_size"]
+
+
 def describe(name: str, spec: dict, config: dict) -> str:
     task = {k: v for k, v in spec["task"].items() if k not in ("data_root", "eval_size")}
     fixed = "" if spec["axis"] == "steps" else f", {spec['steps']} steps"
     tuned = config["seeds"][: max(1, config["tune_seeds"])]
+    batch = study_batch_size(spec, config)
     return (
-        f"Study {name}: {spec['axis']} in {spec['values']}; task {task}{fixed}, batch "
-        f"{config['batch_size']}, seeds {config['seeds']}. Loss = final train loss (mean of the "
+        f"Study {name}: {spec['axis']} in {spec['values']}; task {task}{fixed}, batch {batch}, "
+        f"seeds {config['seeds']}. Loss = final train loss (mean of the "
         f"last 10% of steps), mean ± std over seeds; the second column is held-out. Entries "
         f"with an lr grid report the lr with the lowest mean final train loss on seeds {tuned}, "
         f"then rerun at that lr on every seed. Meta-weights: {weights_used(config)}."

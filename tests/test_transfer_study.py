@@ -89,3 +89,23 @@ def test_unknown_study_is_one_line(tmp_path):
     )  # fmt: skip
     assert out.returncode == 2
     assert out.stderr.startswith("error: unknown studies ['widht']")
+
+
+def test_a_study_may_set_its_own_batch_size(monkeypatch, tmp_path):
+    from experiments import transfer_study as ts
+
+    seen = []
+
+    def fake_run_single(task, optimizer, **kw):
+        seen.append(kw["batch_size"])
+        return {"final_train_loss": 1.0, "diverged": False}
+
+    monkeypatch.setattr(ts, "run_single", fake_run_single)
+    config = {"batch_size": 128, "device": "cpu", "logger": {}, "progress": False}
+    opt = {"optimizer": {"name": "adamw"}, "parametrization": "sp", "lrs": [1e-3]}
+    task = {"name": "transformer", "depth": 1}
+    own = {"axis": "width", "steps": 2, "batch_size": 8, "task": task}
+    ts._cell("lm", own, 16, "adamw", opt, 1e-3, 0, config, tmp_path, cells := {})
+    ts._cell("lm", {**own, "batch_size": None}, 16, "adamw", opt, 1e-3, 0, config, tmp_path, cells)
+    assert seen == [8, 128]  # a second cell: the batch size is part of what a cell computes
+    assert sorted(json.loads(i)["batch"] for i in cells) == [8, 128]
