@@ -122,6 +122,7 @@ def plot(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    means = []
     for e in entries:
         xs, ms, ss = [], [], []
         for w in values:
@@ -131,10 +132,9 @@ def plot(
                 ms.append(statistics.fmean(vals))
                 ss.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
         ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=e)
-    ax.set_xscale("log", base=2)
-    finite = [line for line in ax.get_lines() if len(line.get_ydata())]
-    ys = [y for line in finite for y in line.get_ydata()]
-    if ys and min(ys) > 0 and max(ys) / min(ys) > 3:  # e.g. an untrained floor beside the rest
+        means += ms
+    ax.set_xscale("log", base=10 if axis == "steps" else 2)
+    if means and min(means) > 0 and max(means) / min(means) > 3:  # e.g. an untrained floor
         ax.set_yscale("log")
     ax.set_xlabel(axis)
     ax.set_ylabel(f"final train loss (best lr per {axis})")

@@ -203,3 +203,29 @@ def test_best_lr_is_chosen_per_width_by_mean_final_loss():
     best = best_lr_runs(runs)
     assert {x["lr"] for x in best[("adamw", 8)]} == {0.01}
     assert {x["lr"] for x in best[("adamw", 16)]} == {0.1}  # a diverged seed disqualifies
+
+
+def test_plot_goes_log_y_when_means_span_decades_even_if_an_error_bar_crosses_zero(
+    monkeypatch, tmp_path
+):
+    import matplotlib.pyplot as plt
+
+    from experiments.width_transfer import plot
+
+    def run(entry, loss):
+        return {"entry": entry, "final_train_loss": loss}
+
+    best = {  # an unstable entry whose mean - std < 0, beside a trained and an untrained one
+        ("lo", 1000): [run("lo", 0.30), run("lo", 0.32)],
+        ("lo", 10000): [run("lo", 0.08), run("lo", 0.09)],
+        ("unstable", 1000): [run("unstable", 0.3), run("unstable", 0.4)],
+        ("unstable", 10000): [run("unstable", 7.8), run("unstable", 0.2)],
+        ("floor", 1000): [run("floor", 2.3), run("floor", 2.3)],
+        ("floor", 10000): [run("floor", 2.3), run("floor", 2.3)],
+    }
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot(best, ["lo", "unstable", "floor"], [1000, 10000], tmp_path / "p.png", axis="steps")
+    (ax,) = figures[0].axes
+    assert ax.get_yscale() == "log" and ax.get_xscale() == "log"
+    assert (tmp_path / "p.png").stat().st_size > 1000
