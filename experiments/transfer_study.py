@@ -12,7 +12,8 @@ each cell records the device and host it ran on. A cell shared by two studies (t
 study's 256 is the depth study's depth 3) runs once. An entry with an lr grid is tuned per point
 on the first ``tune_seeds`` seeds; its best lr then runs on every seed. After each study it
 writes ``<study>.md`` (final train loss and held-out metric, mean ± std over seeds, at each
-point's best lr) and ``<study>.png``.
+point's best lr) and ``<study>.png``. A study may set its own ``batch_size`` and lr grids
+(``lrs: {entry: [...]}``) where the defaults do not suit its task.
 """
 
 from __future__ import annotations
@@ -105,9 +106,10 @@ def run_study(name: str, spec: dict, config: dict, out: Path, cells: dict[str, d
             def cell(lr, seed, value=value, entry=entry, opt=opt):
                 return _cell(name, spec, value, entry, opt, lr, seed, config, out, cells)
 
-            lr = opt["lrs"][0]
-            if len(opt["lrs"]) > 1:
-                grid = {lr: [cell(lr, seed) for seed in tune_seeds] for lr in opt["lrs"]}
+            lrs = study_lrs(spec, entry, opt)
+            lr = lrs[0]
+            if len(lrs) > 1:
+                grid = {lr: [cell(lr, seed) for seed in tune_seeds] for lr in lrs}
                 lr = min(grid, key=lambda lr: mean_final_loss(grid[lr]))
             records += [cell(lr, seed) for seed in seeds]
     return records
@@ -149,17 +151,24 @@ def study_batch_size(spec: dict, config: dict) -> int:
     return spec.get("batch_size") or config["batch_size"]
 
 
+def study_lrs(spec: dict, entry: str, opt: dict) -> list:
+    """An entry's lr grid: the study's own (``lrs: {entry: [...]}``) or the entry's default."""
+    return (spec.get("lrs") or {}).get(entry) or opt["lrs"]
+
+
 def describe(name: str, spec: dict, config: dict) -> str:
     task = {k: v for k, v in spec["task"].items() if k not in ("data_root", "eval_size")}
     fixed = "" if spec["axis"] == "steps" else f", {spec['steps']} steps"
     tuned = config["seeds"][: max(1, config["tune_seeds"])]
     batch = study_batch_size(spec, config)
+    own = spec.get("lrs") or {}
+    own_grids = "".join(f" {e} lr grid here: {lrs}." for e, lrs in own.items())
     return (
         f"Study {name}: {spec['axis']} in {spec['values']}; task {task}{fixed}, batch {batch}, "
         f"seeds {config['seeds']}. Loss = final train loss (mean of the "
         f"last 10% of steps), mean ± std over seeds; the second column is held-out. Entries "
         f"with an lr grid report the lr with the lowest mean final train loss on seeds {tuned}, "
-        f"then rerun at that lr on every seed. Meta-weights: {weights_used(config)}."
+        f"then rerun at that lr on every seed.{own_grids} Meta-weights: {weights_used(config)}."
     )
 
 
@@ -179,11 +188,11 @@ def weights_used(config: dict) -> str:
     return "; ".join(used) or "none"
 
 
-def edge_notes(best: dict, config: dict, axis: str) -> list[str]:
+def edge_notes(best: dict, spec: dict, config: dict) -> list[str]:
     """Tuned points whose best lr sits on the edge of the grid (the grid may be too narrow)."""
-    notes = []
+    notes, axis = [], spec["axis"]
     for (entry, value), rs in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        lrs = config["optimizers"][entry]["lrs"]
+        lrs = study_lrs(spec, entry, config["optimizers"][entry])
         if len(lrs) < 2:
             continue
         if all(r["diverged"] for r in rs):
@@ -205,6 +214,9 @@ def run(cfg: DictConfig) -> Path:
         axis = config["study"][name]["axis"]
         if axis not in AXES:
             raise ValueError(f"study {name}: axis must be one of {', '.join(AXES)}, got {axis!r}")
+        strays = sorted(set(config["study"][name].get("lrs") or {}) - set(config["optimizers"]))
+        if strays:
+            raise ValueError(f"study {name}: lrs for unknown entries {strays}")
     out = Path(config["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     cells = load_cells(out / "cells.jsonl")
@@ -216,7 +228,7 @@ def run(cfg: DictConfig) -> Path:
         metric = "eval_bpb" if spec["task"]["name"] == "transformer" else "eval_accuracy"
         best = best_lr_runs(records, axis=axis)
         md = table(best, entries, spec["values"], axis=axis, metric=metric)
-        notes = "".join(f"- {n}\n" for n in edge_notes(best, config, axis))
+        notes = "".join(f"- {n}\n" for n in edge_notes(best, spec, config))
         (out / f"{name}.md").write_text(f"{describe(name, spec, config)}\n\n{md}\n\n{notes}")
         plot(best, entries, spec["values"], out / f"{name}.png", axis=axis, title=f"study: {name}")
         print(f"\n{name}:\n{md}\n")

@@ -109,3 +109,36 @@ def test_a_study_may_set_its_own_batch_size(monkeypatch, tmp_path):
     ts._cell("lm", {**own, "batch_size": None}, 16, "adamw", opt, 1e-3, 0, config, tmp_path, cells)
     assert seen == [8, 128]  # a second cell: the batch size is part of what a cell computes
     assert sorted(json.loads(i)["batch"] for i in cells) == [8, 128]
+
+
+def test_a_study_may_set_its_own_lr_grid(monkeypatch, tmp_path):
+    from experiments import transfer_study as ts
+
+    losses = {1e-3: 2.0, 1e-2: 1.0, 1e-1: 0.5}  # the study's own grid holds the best lr
+    monkeypatch.setattr(
+        ts, "run_single",
+        lambda task, optimizer, **kw: {"lr": optimizer["lr"], "seed": kw["seed"],
+                                       "diverged": False,
+                                       "final_train_loss": losses[optimizer["lr"]]},
+    )  # fmt: skip
+    config = {"batch_size": 4, "device": "cpu", "logger": {}, "progress": False,
+              "seeds": [0, 1], "tune_seeds": 1,
+              "optimizers": {"adamw": {"optimizer": {"name": "adamw"}, "parametrization": "sp",
+                                       "lrs": [1e-3, 1e-2]}}}  # fmt: skip
+    spec = {"axis": "width", "values": [8], "steps": 2, "task": {"name": "mlp", "depth": 1},
+            "lrs": {"adamw": [1e-2, 1e-1]}}  # fmt: skip
+    records = ts.run_study("s", spec, config, tmp_path, {})
+    assert [(r["lr"], r["seed"]) for r in records] == [(1e-1, 0), (1e-1, 1)]
+    best = ts.best_lr_runs(records)
+    assert ts.edge_notes(best, spec, config) == ["adamw at width=8: best lr 0.1 is a grid edge"]
+    assert "adamw lr grid here: [0.01, 0.1]" in ts.describe("s", spec, {**config, "optimizers": {}})
+
+
+def test_lrs_for_an_unknown_entry_is_one_line(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.transfer_study", f"out_dir={tmp_path}",
+         "studies=[cnn]", "+study.cnn.lrs={adamm: [0.1]}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: study cnn: lrs for unknown entries ['adamm']")
