@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -79,15 +78,12 @@ def _atomic_save(payload: dict, path: Path) -> None:
 
 def _keep_previous(path: Path) -> None:
     """``path`` -> ``path.prev`` without ever leaving ``path`` missing."""
-    prev = prev_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{prev.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.remove(tmp)
-    try:
-        os.link(path, tmp)
-    except OSError:
-        shutil.copyfile(path, tmp)
-    os.replace(tmp, prev)
+    with atomic_path(prev_path(path)) as tmp:
+        tmp.unlink()  # os.link needs a free name
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
 
 
 def read_checkpoint(path: str | Path) -> dict:
