@@ -202,6 +202,24 @@ def edge_notes(best: dict, spec: dict, config: dict) -> list[str]:
     return notes
 
 
+def no_progress_notes(best: dict, axis: str) -> list[str]:
+    """Points whose mean final train loss ended above their mean initial loss: a run that blew
+    up without reaching inf/NaN (which the table already marks diverged) or never trained."""
+    notes = []
+    for (entry, value), rs in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        final = mean_final_loss(rs)
+        initial = [r.get("initial_train_loss") for r in rs]
+        if final == float("inf") or None in initial:
+            continue
+        start = sum(initial) / len(initial)
+        if final > start:
+            notes.append(
+                f"{entry} at {axis}={value}: mean final loss {final:.4g} is above the mean "
+                f"initial loss {start:.4g}"
+            )
+    return notes
+
+
 @one_line_errors
 def run(cfg: DictConfig) -> Path:
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -228,7 +246,8 @@ def run(cfg: DictConfig) -> Path:
         metric = "eval_bpb" if spec["task"]["name"] == "transformer" else "eval_accuracy"
         best = best_lr_runs(records, axis=axis)
         md = table(best, entries, spec["values"], axis=axis, metric=metric)
-        notes = "".join(f"- {n}\n" for n in edge_notes(best, spec, config))
+        notes = edge_notes(best, spec, config) + no_progress_notes(best, axis)
+        notes = "".join(f"- {n}\n" for n in notes)
         (out / f"{name}.md").write_text(f"{describe(name, spec, config)}\n\n{md}\n\n{notes}")
         plot(best, entries, spec["values"], out / f"{name}.png", axis=axis, title=f"study: {name}")
         print(f"\n{name}:\n{md}\n")

@@ -134,10 +134,26 @@ def test_a_study_may_set_its_own_lr_grid(monkeypatch, tmp_path):
     assert "adamw lr grid here: [0.01, 0.1]" in ts.describe("s", spec, {**config, "optimizers": {}})
 
 
+def test_a_point_that_ends_above_its_initial_loss_is_noted():
+    from experiments import transfer_study as ts
+
+    def runs(*pairs):
+        return [{"initial_train_loss": a, "final_train_loss": b} for a, b in pairs]
+
+    best = {
+        ("mulo", 8): runs((2.3, 0.4), (2.3, 0.5)),
+        ("mulo_init", 8): runs((2.3, 30.0), (2.3, 14.0)),  # finite, so not "diverged"
+        ("splo", 8): runs((2.3, float("nan")), (2.3, 0.5)),  # the table says diverged
+    }
+    assert ts.no_progress_notes(best, "width") == [
+        "mulo_init at width=8: mean final loss 22 is above the mean initial loss 2.3"
+    ]
+
+
 def test_lrs_for_an_unknown_entry_is_one_line(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "experiments.transfer_study", f"out_dir={tmp_path}",
-         "studies=[cnn]", "+study.cnn.lrs={adamm: [0.1]}"],
+         "studies=[cnn]", "++study.cnn.lrs={adamm: [0.1]}"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 2
