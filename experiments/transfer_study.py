@@ -202,9 +202,10 @@ def edge_notes(best: dict, spec: dict, config: dict) -> list[str]:
     return notes
 
 
-def no_progress_notes(best: dict, axis: str) -> list[str]:
-    """Points whose mean final train loss ended above their mean initial loss: a run that blew
-    up without reaching inf/NaN (which the table already marks diverged) or never trained."""
+def no_progress_notes(best: dict, axis: str, tolerance: float = 0.01) -> list[str]:
+    """Points whose mean final train loss is not below their mean initial loss: a run that blew
+    up without reaching inf/NaN (the table marks only those diverged) or one that never trained.
+    """
     notes = []
     for (entry, value), rs in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         final = mean_final_loss(rs)
@@ -212,11 +213,11 @@ def no_progress_notes(best: dict, axis: str) -> list[str]:
         if final == float("inf") or None in initial:
             continue
         start = sum(initial) / len(initial)
-        if final > start:
-            notes.append(
-                f"{entry} at {axis}={value}: mean final loss {final:.4g} is above the mean "
-                f"initial loss {start:.4g}"
-            )
+        losses = f"(mean final loss {final:.4g}, initial {start:.4g})"
+        if final > start * (1 + tolerance):
+            notes.append(f"{entry} at {axis}={value}: ends above its initial loss {losses}")
+        elif final >= start * (1 - tolerance):
+            notes.append(f"{entry} at {axis}={value}: does not train {losses}")
     return notes
 
 
