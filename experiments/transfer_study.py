@@ -96,6 +96,8 @@ def run_study(name: str, spec: dict, config: dict, out: Path, cells: dict[str, d
     An entry with an lr grid is tuned per axis value: the grid runs on the first `tune_seeds`
     seeds, the lr with the lowest mean final train loss wins, and the remaining seeds run at
     that lr only. The returned records are, per (entry, value), all seeds at the chosen lr.
+    With ``run_missing: false`` nothing runs: a point whose cells are not all finished is left
+    out (its table cell reads "not run yet").
     """
     seeds = config["seeds"]
     tune_seeds = seeds[: max(1, config["tune_seeds"])]
@@ -110,8 +112,12 @@ def run_study(name: str, spec: dict, config: dict, out: Path, cells: dict[str, d
             lr = lrs[0]
             if len(lrs) > 1:
                 grid = {lr: [cell(lr, seed) for seed in tune_seeds] for lr in lrs}
+                if any(None in runs for runs in grid.values()):
+                    continue  # run_missing=false and the grid is not finished: no winner yet
                 lr = min(grid, key=lambda lr: mean_final_loss(grid[lr]))
-            records += [cell(lr, seed) for seed in seeds]
+            runs = [cell(lr, seed) for seed in seeds]
+            if None not in runs:  # a point is reported with all its seeds or not at all
+                records += runs
     return records
 
 
@@ -125,6 +131,8 @@ def _cell(name, spec, value, entry, opt, lr, seed, config, out: Path, cells) -> 
     identity = cell_identity(task, steps, entry, opt, lr, seed, batch_size)
     if identity in cells:
         return {**cells[identity], axis: value}
+    if not config.get("run_missing", True):
+        return None
     key = cell_key(name, value, entry, lr, seed)
     print(f"[{key}]", flush=True)
     # the directory is this computation's: another lr spelling or new meta-weights get their own

@@ -98,7 +98,10 @@ def table(
     for w in values:
         cells = []
         for e in entries:
-            rs = best[(e, w)]
+            rs = best.get((e, w))
+            if rs is None:  # a study built from finished cells only (run_missing=false)
+                cells += ["not run yet", "—"]
+                continue
             loss = _mean_std([_finite(r["final_train_loss"]) for r in rs])
             accs = [r.get(metric, float("nan")) for r in rs]
             acc = "—" if loss == "diverged" else _mean_std(accs)
@@ -126,8 +129,8 @@ def plot(
     for e in entries:
         xs, ms, ss = [], [], []
         for w in values:
-            vals = [_finite(r["final_train_loss"]) for r in best[(e, w)]]
-            if all(v < float("inf") for v in vals):
+            vals = [_finite(r["final_train_loss"]) for r in best.get((e, w), [])]
+            if vals and all(v < float("inf") for v in vals):
                 xs.append(w)
                 ms.append(statistics.fmean(vals))
                 ss.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)

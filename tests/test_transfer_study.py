@@ -134,6 +134,33 @@ def test_a_study_may_set_its_own_lr_grid(monkeypatch, tmp_path):
     assert "adamw lr grid here: [0.01, 0.1]" in ts.describe("s", spec, {**config, "optimizers": {}})
 
 
+def test_run_missing_false_reports_finished_points_and_runs_nothing(monkeypatch, tmp_path):
+    from experiments import transfer_study as ts
+    from experiments.width_transfer import best_lr_runs, table
+
+    monkeypatch.setattr(
+        ts, "run_single",
+        lambda task, optimizer, **kw: {"lr": optimizer["lr"], "seed": kw["seed"],
+                                       "diverged": False, "final_train_loss": 1.0,
+                                       "eval_accuracy": 0.5},
+    )  # fmt: skip
+    config = {"batch_size": 4, "device": "cpu", "logger": {}, "progress": False,
+              "seeds": [0, 1], "tune_seeds": 1,
+              "optimizers": {"adamw": {"optimizer": {"name": "adamw"}, "parametrization": "sp",
+                                       "lrs": [1e-3, 1e-2]}}}  # fmt: skip
+    spec = {"axis": "width", "values": [8, 16], "steps": 2, "task": {"name": "mlp", "depth": 1}}
+    cells = {}
+    ts.run_study("s", spec, config, tmp_path, cells)
+    assert len(cells) == 2 * 3  # per width: 2 grid points on seed 0, the winner on seed 1
+    # width 16 loses its second seed: without run_missing it would run again
+    del cells[next(i for i, r in cells.items() if r["key"] == "s|16|adamw|0.001|1")]
+    monkeypatch.setattr(ts, "run_single", lambda *a, **k: pytest.fail("ran a cell"))
+    records = ts.run_study("s", spec, {**config, "run_missing": False}, tmp_path, cells)
+    assert sorted({r["width"] for r in records}) == [8]
+    md = table(best_lr_runs(records), ["adamw"], [8, 16])
+    assert md.splitlines()[-1] == "| 16 | not run yet | — |"
+
+
 def test_a_point_that_ends_above_its_initial_loss_is_noted():
     from experiments import transfer_study as ts
 
