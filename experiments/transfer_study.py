@@ -214,18 +214,25 @@ def no_progress_notes(best: dict, axis: str, tolerance: float = 0.01) -> list[st
     """Points whose mean final train loss is not below their mean initial loss: a run that blew
     up without reaching inf/NaN (the table marks only those diverged) or one that never trained.
     """
-    notes = []
+    notes, flat = [], {}
     for (entry, value), rs in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         final = mean_final_loss(rs)
         initial = [r.get("initial_train_loss") for r in rs]
         if final == float("inf") or None in initial:
             continue
         start = sum(initial) / len(initial)
-        losses = f"(mean final loss {final:.4g}, initial {start:.4g})"
         if final > start * (1 + tolerance):
-            notes.append(f"{entry} at {axis}={value}: ends above its initial loss {losses}")
+            notes.append(
+                f"{entry} at {axis}={value}: ends above its initial loss "
+                f"(mean final loss {final:.4g}, initial {start:.4g})"
+            )
         elif final >= start * (1 - tolerance):
-            notes.append(f"{entry} at {axis}={value}: does not train {losses}")
+            flat.setdefault(entry, []).append(str(value))
+    notes += [
+        f"{entry} does not train at {axis}={', '.join(values)} (mean final loss within "
+        f"{tolerance:.0%} of the initial loss)"
+        for entry, values in flat.items()
+    ]
     return notes
 
 

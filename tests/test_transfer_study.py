@@ -172,10 +172,11 @@ def test_a_point_that_ends_above_its_initial_loss_is_noted():
         ("mulo_init", 8): runs((2.3, 30.0), (2.3, 14.0)),  # finite, so not "diverged"
         ("splo", 8): runs((2.3, float("nan")), (2.3, 0.5)),  # the table says diverged
         ("zero", 8): runs((2.3026, 2.3031), (2.3026, 2.3027)),
+        ("zero", 16): runs((2.3026, 2.3026)),
     }
     assert ts.no_progress_notes(best, "width") == [
         "mulo_init at width=8: ends above its initial loss (mean final loss 22, initial 2.3)",
-        "zero at width=8: does not train (mean final loss 2.303, initial 2.303)",
+        "zero does not train at width=8, 16 (mean final loss within 1% of the initial loss)",
     ]
 
 
