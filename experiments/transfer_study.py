@@ -121,7 +121,7 @@ def run_study(name: str, spec: dict, config: dict, out: Path, cells: dict[str, d
     return records
 
 
-def _cell(name, spec, value, entry, opt, lr, seed, config, out: Path, cells) -> dict:
+def _cell(name, spec, value, entry, opt, lr, seed, config, out: Path, cells) -> dict | None:
     axis, task, steps = spec["axis"], dict(spec["task"]), spec.get("steps")
     if axis == "steps":
         steps = value
@@ -196,10 +196,15 @@ def weights_used(config: dict) -> str:
     return "; ".join(used) or "none"
 
 
+def by_point(best: dict) -> list:
+    """The table's (entry, value) points in order, each with its runs."""
+    return sorted(best.items(), key=lambda kv: kv[0])
+
+
 def edge_notes(best: dict, spec: dict, config: dict) -> list[str]:
     """Tuned points whose best lr sits on the edge of the grid (the grid may be too narrow)."""
     notes, axis = [], spec["axis"]
-    for (entry, value), rs in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+    for (entry, value), rs in by_point(best):
         lrs = study_lrs(spec, entry, config["optimizers"][entry])
         if len(lrs) < 2:
             continue
@@ -215,7 +220,7 @@ def no_progress_notes(best: dict, axis: str, tolerance: float = 0.01) -> list[st
     up without reaching inf/NaN (the table marks only those diverged) or one that never trained.
     """
     notes, flat = [], {}
-    for (entry, value), rs in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+    for (entry, value), rs in by_point(best):
         final = mean_final_loss(rs)
         initial = [r.get("initial_train_loss") for r in rs]
         if final == float("inf") or None in initial:
