@@ -50,6 +50,58 @@ META_SHAPES = {
     "theta": (len(DECAY_INIT),),
 }
 
+# small_fc_lopt_v2 (horizon-robust): the raw-time inputs are clamped to the meta-training
+# range, training-progress inputs come from an optional horizon T (total steps), and the step is
+# RMS-normalised per tensor, then scaled by a learned per-group step size, a warmup + cosine
+# schedule over T (warmup only when T is unknown) and s_W.
+V2_TIME_SCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3)
+V2_TIME_CLAMP = 1000.0  # raw-time inputs read min(t, 1000): never outside meta-training's range
+V2_PROGRESS_POINTS = (0.1, 0.25, 0.5, 0.75, 0.9)  # tanh(10 (t/T - tau)), plus a "T known" flag
+V2_WARMUP_FRACTION = 0.05  # of T; with T unknown, V2_WARMUP_STEPS
+V2_WARMUP_STEPS = 50
+V2_EXP_MULT = 0.1  # the magnitude output a scales the step by exp(min(0.1 a, 3))
+V2_EXP_CAP = 3.0
+V2_NORM_EPS = 1e-12
+# initial per-group step sizes exp(log_lr): (vector-like, matrix with s_W = 1, hidden matrix)
+# about tuned (μ)AdamW's lr x the RMS of an Adam update (~0.3); the learned step has RMS 1
+V2_STEP_INIT = {"mu": (0.03, 0.03, 2.0), "sp": (3e-3, 1e-3, 1e-3)}
+NUM_FEATURES_V2 = NUM_NORMALISED + len(V2_TIME_SCALES) + len(V2_PROGRESS_POINTS) + 1  # 41
+META_SHAPES_V2 = {**META_SHAPES, "w1": (HIDDEN, NUM_FEATURES_V2), "log_lr": (3,)}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What tells small_fc_lopt v1 and v2 apart (the feature channels and the network are
+    shared): the meta-parameter shapes, the time inputs and how the output becomes a step."""
+
+    name: str
+    meta_shapes: dict
+    normalised: bool  # v2: RMS-normalised step x exp(log_lr) x schedule
+    exp_mult: float
+    exp_cap: float
+
+    @property
+    def num_features(self) -> int:
+        return self.meta_shapes["w1"][1]
+
+
+V1 = Architecture("small_fc_lopt", META_SHAPES, False, EXP_MULT, math.inf)
+V2 = Architecture("small_fc_lopt_v2", META_SHAPES_V2, True, V2_EXP_MULT, V2_EXP_CAP)
+ARCHITECTURES = {a.name: a for a in (V1, V2)}
+
+
+def architecture(name_or_meta) -> Architecture:
+    """The architecture by name, or the one a meta-parameter dict belongs to (v2 has log_lr)."""
+    if isinstance(name_or_meta, dict):
+        return V2 if "log_lr" in name_or_meta else V1
+    if isinstance(name_or_meta, Architecture):
+        return name_or_meta
+    if name_or_meta not in ARCHITECTURES:
+        valid = ", ".join(ARCHITECTURES)
+        raise ValueError(f"unknown learned-optimizer architecture {name_or_meta!r}; valid: {valid}")
+    return ARCHITECTURES[name_or_meta]
+
+
 # Where each per-element channel of the chunk buffer sits among the 28 normalised features.
 MATRIX_ELEMENT_CHANNELS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 25, 26, 27)
 MATRIX_ROW_CHANNELS = (13, 14, 15, 19, 20, 21)  # row_j, rsqrt(row_j + 1e-8)
@@ -61,23 +113,28 @@ def init_meta_params(
     population: int | None = None,
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
+    architecture: str = "small_fc_lopt",
+    kind: str = "mu",
 ) -> dict[str, Tensor]:
     """The meta-initialisation: truncated-normal weights (std 1/sqrt(fan_in), cut at 2 std),
-    zero biases, theta = 0 (the initial decays). With ``population`` each particle gets its
-    own draw and a leading dimension."""
+    zero biases, theta = 0 (the initial decays); v2's log_lr from V2_STEP_INIT[kind] ("mu" or
+    "sp"). With ``population`` each particle gets its own draw and a leading dimension."""
+    arch = globals()["architecture"](architecture)
     lead = () if population is None else (population,)
     meta = {}
-    for name, shape in META_SHAPES.items():
+    for name, shape in arch.meta_shapes.items():
         t = torch.zeros(*lead, *shape, dtype=dtype)
         if name.startswith("w"):
             std = 1.0 / math.sqrt(shape[-1])
             torch.nn.init.trunc_normal_(t, std=std, a=-2 * std, b=2 * std, generator=generator)
+        elif name == "log_lr":
+            t += torch.tensor(V2_STEP_INIT[kind], dtype=torch.float64).log().to(dtype)
         meta[name] = t
     return meta
 
 
-def num_meta_params() -> int:
-    return sum(math.prod(s) for s in META_SHAPES.values())
+def num_meta_params(architecture: str = "small_fc_lopt") -> int:
+    return sum(math.prod(s) for s in globals()["architecture"](architecture).meta_shapes.values())
 
 
 def decays(theta: Tensor) -> Tensor:
@@ -87,10 +144,55 @@ def decays(theta: Tensor) -> Tensor:
 
 
 def time_features(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """tanh(t / tau - 1) for each tau: [P] -> [P, 11] (computed in float32 or better)."""
+    """v1: tanh(t / tau - 1) for each tau: [P] -> [P, 11] (computed in float32 or better)."""
     t = t.double() if t.dtype == torch.float64 else t.float()
     taus = torch.tensor(TIME_SCALES, dtype=t.dtype, device=t.device)
     return torch.tanh(t[:, None] / taus - 1).to(dtype or t.dtype)
+
+
+def _known(t: Tensor, horizon: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(horizon as t's dtype, 1.0 where it is known (> 0) else 0.0), both [P]."""
+    if horizon is None:
+        horizon = torch.zeros_like(t)
+    horizon = horizon.to(t.dtype)
+    return horizon, (horizon > 0).to(t.dtype)
+
+
+def progress(t: Tensor, horizon: Tensor | None) -> Tensor:
+    """t / T clamped to [0, 1] where the horizon T is known, else 0: [P]."""
+    horizon, known = _known(t, horizon)
+    return torch.where(known > 0, (t / horizon.clamp(min=1)).clamp(0, 1), torch.zeros_like(t))
+
+
+def time_inputs(arch: Architecture, t: Tensor, horizon: Tensor | None = None, dtype=None) -> Tensor:
+    """The un-normalised time inputs [P, n_time] of ``arch`` at step counts ``t`` [P].
+
+    v1: the 11 tanh(t / tau - 1). v2: tanh(min(t, 1000) / tau - 1) for 7 tau <= 1000, then
+    tanh(10 (t/T - tau)) for tau in V2_PROGRESS_POINTS and a flag 1, or zeros and flag 0 when T
+    is unknown (``horizon`` None or <= 0): every input stays in its meta-training range at any t.
+    """
+    if arch is V1:
+        return time_features(t, dtype)
+    t = t.double() if t.dtype == torch.float64 else t.float()
+    taus = torch.tensor(V2_TIME_SCALES, dtype=t.dtype, device=t.device)
+    raw = torch.tanh(t.clamp(max=V2_TIME_CLAMP)[:, None] / taus - 1)
+    _, known = _known(t, horizon)
+    points = torch.tensor(V2_PROGRESS_POINTS, dtype=t.dtype, device=t.device)
+    prog = torch.tanh(10 * (progress(t, horizon)[:, None] - points)) * known[:, None]
+    return torch.cat([raw, prog, known[:, None]], dim=1).to(dtype or t.dtype)
+
+
+def schedule(t: Tensor, horizon: Tensor | None = None) -> Tensor:
+    """v2's step multiplier [P]: linear warmup over 5% of T then cosine to 0 at T; with T
+    unknown, warmup over 50 steps then 1."""
+    t = t.double()
+    horizon, known = _known(t, horizon)
+    warm_len = torch.where(
+        known > 0, (V2_WARMUP_FRACTION * horizon).clamp(min=1), torch.full_like(t, V2_WARMUP_STEPS)
+    )
+    warm = ((t + 1) / warm_len).clamp(max=1)
+    cosine = 0.5 * (1 + torch.cos(math.pi * progress(t, horizon)))
+    return warm * torch.where(known > 0, cosine, torch.ones_like(t))
 
 
 def factored_dims(shape: tuple[int, ...]) -> tuple[int, int] | None:
@@ -107,7 +209,8 @@ class LOState:
 
     ``mv`` stacks the three momenta and the second moment as [P, 4, *S] so one copy moves all
     four into the feature buffer. Rank >= 2 tensors keep ``row`` / ``col`` (keepdim shapes),
-    rank < 2 tensors keep ``diag``. ``t`` is the per-particle step counter.
+    rank < 2 tensors keep ``diag``. ``t`` is the per-particle step counter; ``horizon`` (v2
+    only, optional) the per-particle run length T, 0 where unknown.
     """
 
     mv: Tensor
@@ -115,6 +218,7 @@ class LOState:
     row: Tensor | None = None
     col: Tensor | None = None
     diag: Tensor | None = None
+    horizon: Tensor | None = None
 
     @property
     def m(self) -> Tensor:
@@ -148,14 +252,19 @@ def _at_least_1d(x: Tensor) -> Tensor:
     return x.unsqueeze(1) if x.dim() == 1 else x
 
 
-def init_state(param: Tensor) -> LOState:
-    """Zero accumulators for a population-stacked parameter [P, *S]."""
+def init_state(param: Tensor, horizon: float | Tensor | None = None) -> LOState:
+    """Zero accumulators for a population-stacked parameter [P, *S]; ``horizon`` (v2): the
+    run's total steps T (a number, or [P] per particle; 0 or None: unknown)."""
     p = _at_least_1d(param)
     pop, shape = p.shape[0], tuple(p.shape[1:])
     z = dict(dtype=p.dtype, device=p.device)
     # the step counter stays float32 whatever the param dtype: bf16 stops counting at 256
     t = torch.zeros(pop, dtype=torch.float32, device=p.device)
     state = LOState(mv=torch.zeros(pop, 4, *shape, **z), t=t)
+    if horizon is not None:
+        state.horizon = (
+            torch.as_tensor(horizon, dtype=torch.float32).to(p.device).expand(pop).clone()
+        )
     dims = factored_dims(shape)
     if dims is None:
         state.diag = torch.zeros(pop, 3, *shape, **z)
@@ -315,7 +424,8 @@ def _buffer(workspace: Tensor | None, pop: int, k: int, chunk_shape, like: Tenso
 
 
 def features(meta: dict[str, Tensor], state: LOState, param: Tensor, grad: Tensor) -> Tensor:
-    """The literal 39 normalised features [P, 39, *S] the network reads at this step.
+    """The literal features [P, F, *S] the network reads at this step: the 28 normalised
+    channels, then the architecture's time inputs (F = 39 for v1, 41 for v2).
 
     Does not mutate ``state``: it reads the accumulators as they would be after this gradient.
     For tests and inspection; the step itself never materialises this tensor.
@@ -335,7 +445,8 @@ def features(meta: dict[str, Tensor], state: LOState, param: Tensor, grad: Tenso
         out[:, list(MATRIX_COL_CHANNELS)] = _broadcast_channels(state.col).expand(full)
     mean_sq = out.square().flatten(2).mean(dim=2)
     out = out * _bcast(torch.rsqrt(1e-5 + mean_sq), len(plan.shape))
-    tf = _bcast(time_features(state.t, p.dtype), len(plan.shape)).expand(plan.pop, -1, *plan.shape)
+    times = time_inputs(architecture(meta), state.t, state.horizon, p.dtype)
+    tf = _bcast(times, len(plan.shape)).expand(plan.pop, -1, *plan.shape)
     return torch.cat([out, tf], dim=1)
 
 
@@ -349,9 +460,8 @@ def _first_layer(meta: dict[str, Tensor], plan: _Plan, state: LOState, sum_sq: T
     w1 = meta["w1"]
     nd = len(plan.shape)
     w_elem = w1[:, :, list(plan.channels)] * _rms_inverse(sum_sq, plan.numel)[:, None, :]
-    bias = meta["b1"] + torch.einsum(
-        "phf,pf->ph", w1[:, :, NUM_NORMALISED:], time_features(state.t, w1.dtype)
-    )
+    times = time_inputs(architecture(meta), state.t, state.horizon, w1.dtype)
+    bias = meta["b1"] + torch.einsum("phf,pf->ph", w1[:, :, NUM_NORMALISED:], times)
     terms = [bias.reshape(plan.pop, *([1] * nd), HIDDEN)]
     if plan.dims is not None:
         for acc, idx in ((state.row, MATRIX_ROW_CHANNELS), (state.col, MATRIX_COL_CHANNELS)):
@@ -363,26 +473,93 @@ def _first_layer(meta: dict[str, Tensor], plan: _Plan, state: LOState, sum_sq: T
     return w_elem.contiguous(), terms
 
 
-def _kernel_terms(terms: list[Tensor], cshape: tuple[int, ...]) -> tuple[Tensor, Tensor, int]:
-    """The first layer's broadcast terms of one chunk as the kernel takes them: a [R, 32] term
-    indexed by the chunk's dim-0 index and a [32, C] term (transposed) indexed by the flattened
-    rest (R, C = 1 when constant). A term varying along both (some rank > 2 shapes) is summed in
-    full into the row term, with one element per row."""
-    ncols = math.prod(cshape[1:])
-    rows, cols, full = [], [], []
-    for t in terms:
-        if all(s == 1 for s in t.shape[2:-1]):
-            rows.append(t.reshape(-1, HIDDEN))
-        elif t.shape[1] == 1:
-            cols.append(t.expand(1, 1, *cshape[1:], HIDDEN).reshape(ncols, HIDDEN))
+def _step_sizes(arch: Architecture, meta, state: LOState, plan: _Plan, scale, step_mult, lr):
+    """The per-tensor factor of the step: a float (v1: -lr * s_W * step_mult, the same for
+    every particle) or [P] float32 (v2: -lr * s_W * exp(log_lr[group]) * schedule(t, T), with
+    group 0 for rank < 2, 2 for hidden (s_W < 1) and 1 for other matrices)."""
+    if not arch.normalised:
+        return -lr * scale * step_mult
+    group = 0 if plan.dims is None else (2 if scale < 1 else 1)
+    base = torch.exp(meta["log_lr"][:, group].double())
+    sched = schedule(state.t.to(base.device), None if state.horizon is None else state.horizon)
+    return (-lr * scale * base * sched.to(base.device)).float()
+
+
+def _apply_normalised_(p: Tensor, raw: Tensor, dsq: Tensor, alpha: Tensor, numel: int) -> None:
+    """v2: p += alpha * raw / rms(d), per particle (dsq: sum of d^2 over the finite steps)."""
+    inv_rms = torch.rsqrt(dsq / numel + V2_NORM_EPS).to(p.dtype)
+    factor = (alpha.to(p.device, p.dtype) * inv_rms.to(p.device)).reshape(-1, *[1] * (p.dim() - 1))
+    p.add_(raw.view(p.shape) * factor)
+
+
+def _fused_step_(arch, meta, plan: _Plan, state: LOState, p, g, alpha, geo) -> None:
+    """The whole step of a matrix-like tensor in the C kernel: two passes over the elements,
+    no element-sized temporaries (v2 adds one: the raw step, normalised before it is applied)."""
+    pop = plan.pop
+    d0, _ = plan.dims
+    # f0 / t0 belong to the statistic reduced over dim 0 (state.row when d0 == 0)
+    f0, f1 = (plan.rf, plan.cf) if d0 == 0 else (plan.cf, plan.rf)
+    f0, f1 = (f.reshape(pop, 3, -1).contiguous() for f in (f0, f1))
+    w = torch.cat([plan.w_m.reshape(pop, 3), plan.w_v.reshape(pop, 1)], dim=1).contiguous()
+    sums = kernel.accumulate_(geo, g, p, state.mv, w, f0, f1)
+    w_elem, terms = _first_layer(meta, plan, state, sums.to(p.dtype))
+    t0, t1 = terms if d0 == 0 else terms[::-1]
+    t0 = t0.reshape(pop, -1, HIDDEN).transpose(1, 2).contiguous()  # [P, 32, n0]: see lo_net.c
+    t1 = t1.reshape(pop, -1, HIDDEN).contiguous()
+    net = [meta[k].contiguous() for k in ("w2", "b2", "w3", "b3")]
+    raw = torch.empty(pop, plan.numel, dtype=p.dtype) if arch.normalised else None
+    scalar = not isinstance(alpha, Tensor)
+    alpha_p = torch.full((pop,), alpha, dtype=torch.float32) if scalar else alpha.contiguous()
+    dsq = kernel.step_(
+        geo, g, p, state.mv, f0, f1, w_elem, t0, t1, *net,
+        exp_mult=arch.exp_mult, exp_cap=arch.exp_cap, alpha=alpha_p, out=raw,
+    )  # fmt: skip
+    if raw is not None:
+        _apply_normalised_(p, raw, dsq, alpha_p, plan.numel)
+
+
+def _torch_step_(arch, meta, plan: _Plan, state: LOState, p, g, alpha) -> None:
+    """The PyTorch path (and the reference for the kernel), chunk by chunk: any shape, dtype
+    and device."""
+    sum_sq = _accumulate_and_measure_(plan, state, p, g)
+    w_elem, terms = _first_layer(meta, plan, state, sum_sq)
+    w2_t, b2 = meta["w2"].transpose(1, 2), meta["b2"].unsqueeze(1)
+    w3_t, b3 = meta["w3"].transpose(1, 2), meta["b3"].unsqueeze(1)
+    k, pop = len(plan.channels), plan.pop
+    x_space, h1_space = None, None
+    raw = torch.empty_like(p) if arch.normalised else None
+    dsq = torch.zeros(pop, dtype=torch.float64, device=p.device)
+    for start, length in plan.chunks:
+        cut = plan.slices(start, length)
+        pc, gc, mvc, factors = _chunk_views(plan, state, p, g, start, length)
+        cshape = pc.shape[1:]
+        n = math.prod(cshape)
+        # channels are built channel-major: contiguous writes, one row per channel
+        x, x_space = _buffer(x_space, pop, k, cshape, p)
+        _element_channels_(x, gc, pc, mvc, factors)
+        chunk_terms = [cut(t, 1) for t in terms]
+        h1, h1_space = _buffer(h1_space, pop, n, (HIDDEN,), p)  # element-major [P, n, 32]
+        h1_shaped = h1.view(pop, *cshape, HIDDEN)
+        if len(chunk_terms) == 1:
+            h1_shaped.copy_(chunk_terms[0].expand_as(h1_shaped))
         else:
-            full.append(t)
-    if full:
-        whole = sum(t.expand(1, *cshape, HIDDEN) for t in terms)
-        return whole.reshape(-1, HIDDEN).contiguous(), terms[0].new_zeros(HIDDEN, 1), 1
-    row = sum(rows) if rows else terms[0].new_zeros(1, HIDDEN)
-    col = sum(cols) if cols else terms[0].new_zeros(1, HIDDEN)
-    return row.contiguous(), col.t().contiguous(), ncols
+            torch.add(*chunk_terms, out=h1_shaped)
+        h1.baddbmm_(x.view(pop, k, n).transpose(1, 2), w_elem.transpose(1, 2)).relu_()
+        h2 = torch.baddbmm(b2, h1, w2_t).relu_()
+        out = torch.baddbmm(b3, h2, w3_t)  # [P, n, 2]
+        direction, magnitude = out[..., 0], out[..., 1]
+        if arch.normalised:
+            step = magnitude.mul_(arch.exp_mult).clamp_(max=arch.exp_cap).exp_().mul_(direction)
+            finite = torch.isfinite(step)
+            dsq += torch.where(finite, direction, 0).double().square().sum(1)
+            step.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            cut(raw, 1).copy_(step.view(pc.shape))
+            continue
+        step = magnitude.mul_(EXP_MULT).exp_().mul_(direction)
+        step.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        pc.add_(step.view(pc.shape), alpha=alpha)
+    if raw is not None:
+        _apply_normalised_(p, raw, dsq, alpha, plan.numel)
 
 
 def lo_step_(
@@ -395,49 +572,20 @@ def lo_step_(
     lr: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> None:
-    """One small_fc_lopt step for a population-stacked tensor, in place.
+    """One small_fc_lopt step (v1 or v2, from ``meta``'s keys) for a population-stacked
+    tensor, in place. ``scale`` is the per-tensor s_W (1/fan_in for μP hidden weights, else 1).
 
-    ``p <- p - lr * scale * step_mult * d * exp(0.001 a)`` with (d, a) the network's outputs;
-    ``scale`` is the per-tensor s_W (1/fan_in for μP hidden weights, else 1).
+    v1: ``p <- p - lr * scale * step_mult * d * exp(0.001 a)`` with (d, a) the network's outputs.
+    v2: ``p <- p - lr * scale * exp(log_lr[group]) * schedule(t, T) * u / rms(d)`` with
+    ``u = d * exp(min(0.1 a, 3))`` (``step_mult`` is not used: v2 learns its step sizes).
     """
+    arch = architecture(meta)
     p, g = _at_least_1d(param), _at_least_1d(_sanitize(grad))
     plan = _Plan(meta, state, p, g, chunk_size)
-    sum_sq = _accumulate_and_measure_(plan, state, p, g)
-    w_elem, terms = _first_layer(meta, plan, state, sum_sq)
-    w2_t, b2 = meta["w2"].transpose(1, 2), meta["b2"].unsqueeze(1)
-    w3_t, b3 = meta["w3"].transpose(1, 2), meta["b3"].unsqueeze(1)
-    alpha = -lr * scale * step_mult
-    k, pop = len(plan.channels), plan.pop
-    fused = USE_KERNEL and kernel.usable(p) and plan.chunk_dim == 0 and p.is_contiguous()
-    fused = fused and kernel.load() is not None
-    x_space, h1_space = None, None
-    for start, length in plan.chunks:
-        cut = plan.slices(start, length)
-        pc, gc, mvc, factors = _chunk_views(plan, state, p, g, start, length)
-        cshape = pc.shape[1:]
-        n = math.prod(cshape)
-        # channels are built channel-major: contiguous writes, one row per channel
-        x, x_space = _buffer(x_space, pop, k, cshape, p)
-        _element_channels_(x, gc, pc, mvc, factors)
-        chunk_terms = [cut(t, 1) for t in terms]
-        if fused:
-            row, col, ncols = _kernel_terms(chunk_terms, cshape)
-            kernel.net_update_(
-                x.view(k, n), row, col, ncols, w_elem[0], meta["w2"][0], meta["b2"][0],
-                meta["w3"][0], meta["b3"][0], pc.view(n), alpha,
-            )  # fmt: skip
-            continue
-        h1, h1_space = _buffer(h1_space, pop, n, (HIDDEN,), p)  # element-major [P, n, 32]
-        h1_shaped = h1.view(pop, *cshape, HIDDEN)
-        if len(chunk_terms) == 1:
-            h1_shaped.copy_(chunk_terms[0].expand_as(h1_shaped))
-        else:
-            torch.add(*chunk_terms, out=h1_shaped)
-        h1.baddbmm_(x.view(pop, k, n).transpose(1, 2), w_elem.transpose(1, 2)).relu_()
-        h2 = torch.baddbmm(b2, h1, w2_t).relu_()
-        out = torch.baddbmm(b3, h2, w3_t)  # [P, n, 2]
-        direction, magnitude = out[..., 0], out[..., 1]
-        step = magnitude.mul_(EXP_MULT).exp_().mul_(direction)
-        step.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        pc.add_(step.view(pc.shape), alpha=alpha)
+    alpha = _step_sizes(arch, meta, state, plan, scale, step_mult, lr)
+    geo = kernel.geometry(plan.shape, plan.dims) if USE_KERNEL else None
+    if geo is not None and kernel.usable(p, state.mv) and kernel.load() is not None:
+        _fused_step_(arch, meta, plan, state, p, g.contiguous(), alpha, geo)
+    else:
+        _torch_step_(arch, meta, plan, state, p, g, alpha)
     state.t += 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -27,7 +28,17 @@ from torch import Tensor
 from mulo._atomic import atomic_path
 
 SOURCE = Path(__file__).parent / "kernels" / "lo_net.c"
-FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
+BLOCK = 64 * 16  # elements per block of parallel work: BLOCK in lo_net.c
+FLAGS = (
+    "-O3",
+    "-march=native",
+    "-ffp-contract=fast",
+    "-fno-math-errno",
+    "-fopenmp",
+    "-std=gnu11",
+    "-shared",
+    "-fPIC",
+)
 
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -83,43 +94,63 @@ def load() -> ctypes.CDLL | None:
             stacklevel=2,
         )
         return None
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.lo_net_update.argtypes = [p, i64, i64, p, i64, p, i64, i64, p, p, p, p, p, p]
-    lib.lo_net_update.argtypes += [ctypes.c_double]
-    lib.lo_net_update.restype = None
+    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    lib.lo_accumulate.argtypes = [i64, i64, i64, i64] + [p] * 8
+    lib.lo_accumulate.restype = None
+    lib.lo_step.argtypes = [i64, i64, i64, i64] + [p] * 12 + [f32, f32, i64] + [p] * 4
+    lib.lo_step.restype = None
     _lib = lib
     return lib
 
 
-def usable(p: Tensor) -> bool:
-    """Whether the fused kernel can step this population-stacked tensor."""
-    return p.shape[0] == 1 and p.device.type == "cpu" and p.dtype == torch.float32
+def geometry(shape: tuple[int, ...], dims: tuple[int, int] | None) -> tuple[int, int, int] | None:
+    """(A, B, C) = (shape[0], shape[1], prod(shape[2:])) when the kernel can step this tensor:
+    rank >= 2, non-empty, and its factored dims ``dims`` are its first two. ``shape`` excludes
+    the population dim."""
+    if dims is None or set(dims) != {0, 1} or math.prod(shape) == 0:
+        return None
+    return shape[0], shape[1], math.prod(shape[2:])
 
 
-def net_update_(
-    x: Tensor,
-    rowterm: Tensor,
-    colterm_t: Tensor,
-    ncols: int,
-    w1: Tensor,
-    w2: Tensor,
-    b2: Tensor,
-    w3: Tensor,
-    b3: Tensor,
-    p: Tensor,
-    alpha: float,
-) -> None:
-    """p += alpha * d * exp(0.001 a) for the network (w1 [32, k] ... b3 [2]) on inputs x [k, n],
-    the first layer starting from rowterm [R, 32] + colterm_t [32, C] (see lo_net.c).
+def usable(*tensors: Tensor) -> bool:
+    """Whether these population-stacked tensors can go to the kernel as they are."""
+    return all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors
+    )
 
-    Every tensor must be contiguous float32 on the CPU; ``p`` is the chunk's [n] elements.
-    """
-    lib = load()
-    k, n = x.shape
-    args = [x, rowterm, colterm_t, w1, w2, b2, w3, b3, p]
-    assert all(t.is_contiguous() and t.dtype == torch.float32 for t in args)
-    lib.lo_net_update(
-        x.data_ptr(), n, k, rowterm.data_ptr(), int(rowterm.shape[0] > 1), colterm_t.data_ptr(),
-        int(colterm_t.shape[1] > 1), ncols, w1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
-        w3.data_ptr(), b3.data_ptr(), p.data_ptr(), alpha,
+
+def _ptr(t: Tensor) -> int:
+    return t.data_ptr()
+
+
+def accumulate_(geo, g, p, mv, w, f0, f1) -> Tensor:
+    """Update the moments ``mv`` [P, 4, n] in place (``w`` [P, 4] = 1 - beta) and return the
+    sums of squares [P, 16] (float64) of the per-element channels, read after the update.
+    ``f0`` [P, 3, n0] / ``f1`` [P, 3, n1]: the factored rsqrt factors (see lo_net.c)."""
+    a, b, c = geo
+    pop, n = p.shape[0], a * b * c
+    partial = torch.empty(pop, -(-n // BLOCK), 16, dtype=torch.float64)
+    sums = torch.empty(pop, 16, dtype=torch.float64)
+    args = [g, p, mv, w, f0, f1]
+    assert usable(*args)
+    load().lo_accumulate(pop, a, b, c, *map(_ptr, args), _ptr(partial), _ptr(sums))
+    return sums
+
+
+def step_(geo, g, p, mv, f0, f1, w1, t0, t1, w2, b2, w3, b3, *, exp_mult, exp_cap, alpha, out):
+    """The network on every element. With ``out`` None: ``p += alpha[q] * u`` (u finite);
+    else ``out`` [P, n] gets u (0 where not finite) and the return value is the sum of d^2
+    [P] (float64) over the finite u. ``alpha`` [P] float32."""
+    a, b, c = geo
+    pop, n = p.shape[0], a * b * c
+    blocks = -(-n // BLOCK)
+    partial = torch.empty(pop, blocks, dtype=torch.float64)
+    dsq = torch.zeros(pop, dtype=torch.float64)
+    args = [g, p, mv, f0, f1, w1, t0, t1, w2, b2, w3, b3]
+    assert usable(*args, alpha) and (out is None or usable(out))
+    mode = 0 if out is None else 1
+    load().lo_step(
+        pop, a, b, c, *map(_ptr, args), exp_mult, exp_cap, mode, _ptr(alpha),
+        0 if out is None else _ptr(out), _ptr(partial), _ptr(dsq),
     )  # fmt: skip
+    return dsq

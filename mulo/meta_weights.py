@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mulo import functional as LF
 from mulo._atomic import atomic_path
-from mulo.functional import META_SHAPES, init_meta_params
+from mulo.functional import init_meta_params
 
 FORMAT = "mulo-meta-weights"
 VERSION = 1
-ARCHITECTURE = "small_fc_lopt"
+ARCHITECTURE = "small_fc_lopt"  # v1; a file names its architecture (LF.ARCHITECTURES)
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_NAMES = {"mup": "mulo_m", "sp": "splo_m"}
 INIT_SEED = 0
@@ -35,7 +36,7 @@ def save_meta_weights(path: str | Path, meta: dict[str, Tensor], provenance: dic
     payload = {
         "format": FORMAT,
         "version": VERSION,
-        "architecture": ARCHITECTURE,
+        "architecture": LF.architecture(meta).name,
         "meta_params": {k: v.detach().cpu().float().clone() for k, v in meta.items()},
         # plain JSON types only, so that weights_only loading can read it back
         "provenance": json.loads(json.dumps(dict(provenance or {}), default=_plain)),
@@ -86,13 +87,15 @@ def load_meta_weights(name_or_path: str | Path) -> tuple[dict[str, Tensor], dict
             f"{path} has meta-weights format version {payload.get('version')!r}; "
             f"this mulo reads version {VERSION}"
         )
-    if payload.get("architecture") != ARCHITECTURE:
+    arch = payload.get("architecture")
+    if arch not in LF.ARCHITECTURES:
         raise MetaWeightsError(
-            f"{path} holds {payload.get('architecture')!r} weights, expected {ARCHITECTURE!r}"
+            f"{path} holds {arch!r} weights, expected one of: {', '.join(LF.ARCHITECTURES)}"
         )
     meta = payload.get("meta_params")
-    check_meta_params(meta, str(path))
-    return {k: meta[k].float() for k in META_SHAPES}, dict(payload.get("provenance") or {})
+    check_meta_params(meta, str(path), arch)
+    shapes = LF.ARCHITECTURES[arch].meta_shapes
+    return {k: meta[k].float() for k in shapes}, dict(payload.get("provenance") or {})
 
 
 def digest(meta: dict[str, Tensor]) -> str:
@@ -104,20 +107,26 @@ def digest(meta: dict[str, Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def check_meta_params(meta, where: str) -> None:
+def check_meta_params(meta, where: str, architecture: str | None = None) -> None:
+    """Keys, shapes and finiteness against ``architecture`` (default: the one ``meta``'s keys
+    name: v2 has ``log_lr``)."""
     if not isinstance(meta, dict):
         raise MetaWeightsError(f"{where}: meta_params must be a dict of tensors")
-    missing = sorted(set(META_SHAPES) - set(meta))
-    extra = sorted(set(meta) - set(META_SHAPES))
+    arch = LF.architecture(meta if architecture is None else architecture)
+    shapes = arch.meta_shapes
+    missing = sorted(set(shapes) - set(meta))
+    extra = sorted(set(meta) - set(shapes))
     if missing or extra:
         raise MetaWeightsError(
             f"{where}: meta_params keys mismatch (missing {missing}, extra {extra})"
         )
-    for name, shape in META_SHAPES.items():
+    for name, shape in shapes.items():
         t = meta[name]
         if not isinstance(t, Tensor) or tuple(t.shape) != shape:
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise MetaWeightsError(f"{where}: {name} has shape {got}, expected {shape}")
+            raise MetaWeightsError(
+                f"{where}: {name} has shape {got}, expected {shape} ({arch.name})"
+            )
         if not torch.isfinite(t).all():
             raise MetaWeightsError(f"{where}: {name} holds non-finite values")
 

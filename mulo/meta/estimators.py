@@ -63,7 +63,7 @@ from mulo.tasks import MLPPopulation, build_task
 
 META_NAMES = tuple(LF.META_SHAPES)
 META_SIZES = tuple(math.prod(s) for s in LF.META_SHAPES.values())
-NUM_META = sum(META_SIZES)  # 2,409
+NUM_META = sum(META_SIZES)  # 2,409 for small_fc_lopt v1; num_meta(arch) for any architecture
 KINDS = {"mu": "mup", "mup": "mup", "μ": "mup", "sp": "sp"}
 SEED_SPACE = 2**31 - 1
 
@@ -80,25 +80,31 @@ def normalise_kind(kind: str) -> str:
 # Meta-parameters as one vector
 
 
+def num_meta(architecture=LF.V1) -> int:
+    """D, the length of the flat meta-parameter vector of an architecture (name or object)."""
+    return sum(math.prod(s) for s in LF.architecture(architecture).meta_shapes.values())
+
+
 def flatten_meta(meta: dict[str, Tensor]) -> Tensor:
-    """``{name: [*lead, *shape]}`` -> ``[*lead, D]`` in ``META_SHAPES`` order."""
+    """``{name: [*lead, *shape]}`` -> ``[*lead, D]`` in the architecture's shape order."""
     parts = []
-    for name, shape in LF.META_SHAPES.items():
+    for name, shape in LF.architecture(meta).meta_shapes.items():
         t = meta[name]
         lead = t.shape[: t.dim() - len(shape)]
         parts.append(t.reshape(*lead, math.prod(shape)))
     return torch.cat(parts, dim=-1)
 
 
-def unflatten_meta(theta: Tensor) -> dict[str, Tensor]:
+def unflatten_meta(theta: Tensor, architecture=LF.V1) -> dict[str, Tensor]:
     """``[*lead, D]`` -> ``{name: [*lead, *shape]}`` (contiguous copies when ``lead`` is set)."""
-    if theta.shape[-1] != NUM_META:
-        raise ValueError(f"expected {NUM_META} meta-parameters, got a vector of {theta.shape[-1]}")
+    shapes = LF.architecture(architecture).meta_shapes
+    d = num_meta(architecture)
+    if theta.shape[-1] != d:
+        raise ValueError(f"expected {d} meta-parameters, got a vector of {theta.shape[-1]}")
     lead = theta.shape[:-1]
+    sizes = [math.prod(s) for s in shapes.values()]
     out = {}
-    for (name, shape), part in zip(
-        LF.META_SHAPES.items(), theta.split(META_SIZES, dim=-1), strict=True
-    ):
+    for (name, shape), part in zip(shapes.items(), theta.split(sizes, dim=-1), strict=True):
         out[name] = part.reshape(*lead, *shape).contiguous()
     return out
 
@@ -381,16 +387,30 @@ class QuadraticTask:
 
 
 def init_particles(
-    task: InnerTask, seeds: list[int], copies: int = 2
+    task: InnerTask, seeds: list[int], copies: int = 2, horizon: Tensor | None = None
 ) -> tuple[dict[str, Tensor], dict[str, LF.LOState]]:
     """Params ``[copies·len(seeds), ...]`` (``copies`` consecutive particles per seed share its
-    init) and fresh LO states."""
+    init) and fresh LO states; ``horizon`` [len(seeds)]: each seed's run length T for the
+    LO's state (v2; 0 = unknown), None for none."""
     inits = [task.init_params(s) for s in seeds]
     params = {
         name: torch.cat([p[name] for p in inits]).repeat_interleave(copies, dim=0).contiguous()
         for name in inits[0]
     }
-    return params, {name: LF.init_state(p) for name, p in params.items()}
+    if horizon is not None:
+        horizon = horizon.float().repeat_interleave(copies).to(task.device)
+    return params, {name: LF.init_state(p, horizon) for name, p in params.items()}
+
+
+def rescaled(params: dict[str, Tensor], factors: Tensor | None) -> dict[str, Tensor]:
+    """Weight-rescaling augmentation: the model's weights are ``factors[:, k] * params[k-th]``
+    (``factors`` [P, tensors], None for none), so the LO trains a reparametrised task."""
+    if factors is None:
+        return params
+    return {
+        name: p * factors[:, k].to(p).reshape(-1, *[1] * (p.dim() - 1))
+        for k, (name, p) in enumerate(params.items())
+    }
 
 
 def unroll_(
@@ -401,14 +421,19 @@ def unroll_(
     steps: int,
     draw: Callable[[], tuple[Tensor, Tensor]],
     chunk_size: int = LF.DEFAULT_CHUNK_SIZE,
+    factors: Tensor | None = None,
 ) -> Tensor:
     """Train the population ``steps`` steps with the LO, in place; return the pre-update
     minibatch losses ``[steps, P]``. ``meta_pop`` holds per-particle meta-parameters
-    ``[P, ...]``; ``draw()`` gives each step's batch ``(x [P, B, ...], y [P, B, ...])``."""
+    ``[P, ...]``; ``draw()`` gives each step's batch ``(x [P, B, ...], y [P, B, ...])``.
+    ``factors`` [P, tensors]: weight-rescaling augmentation (:func:`rescaled`): the model
+    runs on ``factor * p`` and the LO sees ``p`` and the chain-rule gradient ``factor * grad``."""
     losses = []
     for _ in range(steps):
         x, y = draw()
-        loss, grads = task.grads(params, x, y)
+        loss, grads = task.grads(rescaled(params, factors), x, y)
+        if factors is not None:
+            grads = rescaled(grads, factors)
         with torch.no_grad():
             for name, p in params.items():
                 LF.lo_step_(
@@ -427,7 +452,7 @@ def _reset_slots_(params, states, slots: Tensor, init: dict[str, Tensor]) -> Non
     for name, p in params.items():
         p[slots] = init[name].to(p.dtype)
         st = states[name]
-        for field in ("mv", "row", "col", "diag", "t"):
+        for field in ("mv", "row", "col", "diag", "t", "horizon"):
             t = getattr(st, field)
             if t is not None:
                 t[slots] = 0
@@ -461,10 +486,18 @@ class InnerProblem:
         chunk_size: int = LF.DEFAULT_CHUNK_SIZE,
         rank: int = 0,
         world_size: int = 1,
+        architecture: str = "small_fc_lopt",
+        unknown_horizon: float = 0.25,
+        augment: tuple[float, float] | None = None,
     ):
         if estimator not in ("pes", "es"):
             raise ValueError(f"unknown estimator {estimator!r}; choose 'pes' or 'es'")
         self.task = task
+        self.arch = LF.architecture(architecture)
+        self.num_meta = num_meta(self.arch)
+        # v2 reads the run length T: known for a fraction 1 - unknown_horizon of the runs
+        self.unknown_horizon = float(unknown_horizon)
+        self.augment = None if augment is None else (float(augment[0]), float(augment[1]))
         self.pairs, self.sigma, self.truncation = int(pairs), float(sigma), int(truncation)
         self.min_length, self.max_length = int(min_length), int(max_length)
         self.max_offset, self.estimator = int(max_offset), estimator
@@ -478,8 +511,9 @@ class InnerProblem:
         self.counter, self.length = torch.zeros(n, **z), torch.zeros(n, **z)
         self.offset, self.init_seed = torch.zeros(n, **z), torch.zeros(n, **z)
         # the estimator's own arithmetic is float64 whatever the task's dtype
-        self.xi = torch.zeros(n, NUM_META, dtype=torch.float64)
-        self.eps = torch.zeros(n, NUM_META, dtype=torch.float64)
+        self.xi = torch.zeros(n, self.num_meta, dtype=torch.float64)
+        self.eps = torch.zeros(n, self.num_meta, dtype=torch.float64)
+        self.factors: Tensor | None = None  # [N, tensors] augmentation factors, per pair
         self.truncations = 0
         self.runs_finished = 0
         self.params: dict[str, Tensor] = {}
@@ -494,7 +528,7 @@ class InnerProblem:
     # -- randomness shared by all ranks ----------------------------------------------------
 
     def _draw_eps(self) -> Tensor:
-        eps = torch.randn(self.pairs, NUM_META, generator=self.generator, dtype=torch.float32)
+        eps = torch.randn(self.pairs, self.num_meta, generator=self.generator, dtype=torch.float32)
         return eps.double()
 
     def _draw_batch(self) -> tuple[Tensor, Tensor]:
@@ -514,17 +548,55 @@ class InnerProblem:
         self.init_seed[idx], self.length[idx] = seeds, lengths
         self.offset[idx], self.counter[idx] = offsets, offsets
         self.xi[idx] = 0
+        # a run lasts K * ceil((T - o) / K) steps of the LO's own clock: its horizon
+        span = self.truncation * torch.ceil((lengths - offsets).clamp(min=1) / self.truncation)
+        horizon = self._draw_horizons(span.long())
+        self._draw_factors(idx)
         local = [
-            (int(i), int(s)) for i, s in zip(idx, seeds, strict=True) if self.lo <= i < self.hi
+            (k, int(i), int(s))
+            for k, (i, s) in enumerate(zip(idx, seeds, strict=True))
+            if self.lo <= i < self.hi
         ]
         if not local:
             return
+        seeds_local = [s for _, _, s in local]
+        h_local = None if horizon is None else horizon[[k for k, _, _ in local]]
         if not self.params:  # first start: build the whole local population
-            self.params, self.states = init_particles(self.task, [s for _, s in local])
+            self.params, self.states = init_particles(self.task, seeds_local, horizon=h_local)
             return
-        init, _ = init_particles(self.task, [s for _, s in local])
-        slots = torch.tensor([2 * (i - self.lo) + j for i, _ in local for j in (0, 1)])
+        init, _ = init_particles(self.task, seeds_local)
+        slots = torch.tensor([2 * (i - self.lo) + j for _, i, _ in local for j in (0, 1)])
         _reset_slots_(self.params, self.states, slots, init)
+        if h_local is not None:
+            for st in self.states.values():
+                st.horizon[slots] = h_local.float().repeat_interleave(2).to(st.horizon.device)
+
+    def _draw_horizons(self, lengths: Tensor) -> Tensor | None:
+        """v2: the horizon each new run tells the LO (its length, or 0 = unknown with
+        probability ``unknown_horizon``); None for v1 (which draws nothing, so its random
+        streams are unchanged)."""
+        if not self.arch.normalised:
+            return None
+        unknown = torch.rand(len(lengths), generator=self.generator) < self.unknown_horizon
+        return torch.where(unknown, torch.zeros_like(lengths), lengths)
+
+    def _draw_factors(self, idx: Tensor) -> None:
+        """New augmentation factors for pairs ``idx``: per tensor, log-uniform in ``augment``."""
+        if self.augment is None:
+            return
+        if self.factors is None:
+            tensors = len(self.task.init_params(0))
+            self.factors = torch.ones(self.pairs, tensors, dtype=torch.float64)
+        lo, hi = math.log(self.augment[0]), math.log(self.augment[1])
+        u = torch.rand(
+            len(idx), self.factors.shape[1], generator=self.generator, dtype=torch.float64
+        )
+        self.factors[idx] = torch.exp(lo + u * (hi - lo))
+
+    def _local_factors(self) -> Tensor | None:
+        if self.factors is None:
+            return None
+        return self.factors[self.lo : self.hi].repeat_interleave(2, dim=0).to(self.task.device)
 
     # -- estimators -------------------------------------------------------------------------
 
@@ -533,15 +605,16 @@ class InnerProblem:
         return self.pes_rows(theta) if self.estimator == "pes" else self.es_rows(theta)
 
     def _row_block(self, eps_or_xi: Tensor, losses: Tensor) -> Tensor:
-        rows = torch.zeros(self.pairs, NUM_META + 2, dtype=torch.float64)
+        d = self.num_meta
+        rows = torch.zeros(self.pairs, d + 2, dtype=torch.float64)
         if self.local_pairs:
             # float64 sums of float32 losses are exact, so the mean does not depend on how
             # many particles share the tensor (float32 reductions vectorise by width)
             loss = clip_meta_loss(losses.double().mean(0), self.task.loss_cap).cpu()
             plus, minus = loss[0::2], loss[1::2]
             block = rows[self.lo : self.hi]
-            block[:, :NUM_META] = ((plus - minus) / (2 * self.sigma)).unsqueeze(1) * eps_or_xi
-            block[:, NUM_META], block[:, NUM_META + 1] = plus, minus
+            block[:, :d] = ((plus - minus) / (2 * self.sigma)).unsqueeze(1) * eps_or_xi
+            block[:, d], block[:, d + 1] = plus, minus
         return rows
 
     def _run(self, theta, eps, params, states, steps) -> Tensor:
@@ -550,10 +623,11 @@ class InnerProblem:
                 self._draw_batch()
             return torch.zeros(steps, 0)
         pop = antithetic(theta.detach().double().cpu(), eps[self.lo : self.hi], self.sigma)
-        meta_pop = unflatten_meta(pop.to(self.task.device, self.dtype))
+        meta_pop = unflatten_meta(pop.to(self.task.device, self.dtype), self.arch)
         return unroll_(
-            self.task, meta_pop, params, states, steps, self._draw_batch, self.chunk_size
-        )
+            self.task, meta_pop, params, states, steps, self._draw_batch, self.chunk_size,
+            factors=self._local_factors(),
+        )  # fmt: skip
 
     def pes_rows(self, theta: Tensor) -> tuple[Tensor, dict]:
         """One truncation of K steps of every pair's persistent inner run (PES)."""
@@ -576,9 +650,13 @@ class InnerProblem:
         seeds = draw_seeds(self.pairs, self.generator)
         eps = self._draw_eps()
         self.eps = eps
+        horizon = self._draw_horizons(torch.full((self.pairs,), length))
+        self._draw_factors(torch.arange(self.pairs))
         params, states = {}, {}
         if self.local_pairs:
-            params, states = init_particles(self.task, seeds[self.lo : self.hi].tolist())
+            local = slice(self.lo, self.hi)
+            h_local = None if horizon is None else horizon[local]
+            params, states = init_particles(self.task, seeds[local].tolist(), horizon=h_local)
         losses = self._run(theta, eps, params, states, length)
         self.truncations += 1
         return self._row_block(eps[self.lo : self.hi], losses), {"length": length}
@@ -615,6 +693,7 @@ class InnerProblem:
             "init_seed": self.init_seed.clone(),
             "xi": self.xi.clone(),
             "eps": self.eps.clone(),
+            **({} if self.factors is None else {"factors": self.factors.clone()}),
             "truncations": self.truncations,
             "runs_finished": self.runs_finished,
             "params": params,
@@ -626,7 +705,7 @@ class InnerProblem:
         for key in ("counter", "length", "offset", "init_seed"):
             _check_shape(state[key], (self.pairs,), key)
         for key in ("xi", "eps"):
-            _check_shape(state[key], (self.pairs, NUM_META), key)
+            _check_shape(state[key], (self.pairs, self.num_meta), key)
         new_params, new_states = {}, {}
         if self.estimator == "pes":
             names = set(self.params) if self.params else set(state["params"])
@@ -656,6 +735,8 @@ class InnerProblem:
         self.counter, self.length = state["counter"].clone(), state["length"].clone()
         self.offset, self.init_seed = state["offset"].clone(), state["init_seed"].clone()
         self.xi, self.eps = state["xi"].double().clone(), state["eps"].double().clone()
+        factors = state.get("factors")
+        self.factors = None if factors is None else factors.double().clone()
         self.truncations = int(state["truncations"])
         self.runs_finished = int(state["runs_finished"])
         if self.estimator == "pes" and self.local_pairs:

@@ -32,7 +32,6 @@ from torch import Tensor
 from mulo import functional as LF
 from mulo.meta import distributed as dist_utils
 from mulo.meta.estimators import (
-    NUM_META,
     InnerProblem,
     InnerTask,
     MLPTask,
@@ -41,6 +40,7 @@ from mulo.meta.estimators import (
     flatten_meta,
     init_particles,
     normalise_kind,
+    num_meta,
     unflatten_meta,
     unroll_,
 )
@@ -59,10 +59,22 @@ class MetaConfig:
     ``eval_*``: the held-out evaluation (a fresh ``eval_width`` MLP, ``eval_seeds`` held-out
     inits, ``eval_steps`` steps) run every ``eval_every`` outer steps by
     :func:`run_meta_training` (0: never); ``checkpoint_every`` likewise.
+
+    ``architecture``: ``small_fc_lopt`` (v1) or ``small_fc_lopt_v2``. ``tasks``: the task mix,
+    one inner problem per entry ``{name: mlp|cnn|transformer, width, depth, weight, batch_size,
+    context}`` (missing keys: ``depth``, ``batch_size`` from here, weight 1, context 64); the
+    update direction is the weight-averaged estimate. Empty: one MLP per entry of ``widths``.
+    ``unknown_horizon`` (v2): the fraction of inner runs whose length the LO is not told.
+    ``augment``: ``[low, high]`` for weight-rescaling augmentation (each tensor of each inner
+    run reparametrised by a log-uniform factor in that range), or None.
     """
 
     kind: str = "mu"
     widths: list[int] = field(default_factory=lambda: [32])
+    architecture: str = "small_fc_lopt"
+    tasks: list[dict] = field(default_factory=list)
+    unknown_horizon: float = 0.25
+    augment: list[float] | None = None
     depth: int = 3
     pairs: int = 8
     sigma: float = 0.01
@@ -107,11 +119,29 @@ class MetaConfig:
         "checkpoint_every",
     )
 
+    # Fields added after v1: a checkpoint written before them matches while they keep these
+    NEW_DEFAULTS = {
+        "architecture": "small_fc_lopt",
+        "tasks": [],
+        "unknown_horizon": 0.25,
+        "augment": None,
+    }
+    TASK_KEYS = ("name", "width", "depth", "weight", "batch_size", "context")
+
     def __post_init__(self):
         self.kind = normalise_kind(self.kind)
+        self.architecture = LF.architecture(self.architecture).name
         if isinstance(self.widths, (int, str)):
             self.widths = [self.widths]
         self.widths = [int(w) for w in self.widths]
+        self.tasks = [self._task_entry(t) for t in (self.tasks or [])]
+        if not 0 <= float(self.unknown_horizon) <= 1:
+            raise ValueError(f"unknown_horizon must be in [0, 1], got {self.unknown_horizon!r}")
+        if self.augment is not None:
+            aug = [float(a) for a in self.augment]
+            if len(aug) != 2 or not (0 < aug[0] <= aug[1] < math.inf):
+                raise ValueError(f"augment must be [low, high] with 0 < low <= high, got {aug}")
+            self.augment = aug
         if self.estimator not in ("pes", "es"):
             raise ValueError(f"unknown estimator {self.estimator!r}; choose 'pes' or 'es'")
         positive = dict(
@@ -141,6 +171,44 @@ class MetaConfig:
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
 
+    def _task_entry(self, entry) -> dict:
+        entry = dict(entry)
+        unknown = sorted(set(entry) - set(self.TASK_KEYS))
+        if unknown or "name" not in entry or "width" not in entry:
+            raise ValueError(
+                f"a meta-training task needs name and width (keys: {', '.join(self.TASK_KEYS)}); "
+                f"got {entry}"
+            )
+        if entry["name"] not in ("mlp", "cnn", "transformer"):
+            raise ValueError(
+                f"unknown meta-training task {entry['name']!r}; valid: mlp, cnn, transformer"
+            )
+        out = {
+            "name": str(entry["name"]),
+            "width": int(entry["width"]),
+            "depth": int(entry.get("depth", self.depth)),
+            "weight": float(entry.get("weight", 1.0)),
+            "batch_size": int(entry.get("batch_size", self.batch_size)),
+        }
+        if out["name"] == "transformer":
+            out["context"] = int(entry.get("context", 64))
+        for key in ("width", "depth", "batch_size"):
+            if out[key] < 1:
+                raise ValueError(f"task {out['name']}: {key} must be >= 1, got {out[key]}")
+        if not out["weight"] > 0:
+            raise ValueError(f"task {out['name']}: weight must be > 0, got {out['weight']}")
+        return out
+
+    def task_specs(self) -> list[dict]:
+        """One entry per inner problem: ``tasks``, or an MLP per width."""
+        if self.tasks:
+            return list(self.tasks)
+        return [
+            {"name": "mlp", "width": w, "depth": self.depth, "weight": 1.0,
+             "batch_size": self.batch_size}
+            for w in self.widths
+        ]  # fmt: skip
+
     @classmethod
     def from_dict(cls, values: dict) -> MetaConfig:
         """Build from a mapping (e.g. a Hydra/OmegaConf node); unknown keys are an error."""
@@ -150,14 +218,27 @@ class MetaConfig:
             raise ValueError(
                 f"unknown meta-training config keys {unknown}; valid: {', '.join(sorted(names))}"
             )
-        return cls(**{k: (list(v) if k == "widths" else v) for k, v in values.items()})
+
+        def plain(k, v):
+            if k in ("widths", "augment") and v is not None:
+                return list(v)
+            if k == "tasks":
+                return [dict(t) for t in (v or [])]
+            return v
+
+        return cls(**{k: plain(k, v) for k, v in values.items()})
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def fingerprint(self) -> dict:
         """The fields a checkpoint must agree on to continue the run."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.NON_TRAJECTORY}
+        return {
+            k: v
+            for k, v in self.to_dict().items()
+            if k not in self.NON_TRAJECTORY
+            and not (k in self.NEW_DEFAULTS and v == self.NEW_DEFAULTS[k])
+        }
 
 
 class WarmupCosine:
@@ -208,8 +289,11 @@ class MetaTrainer:
             rank, world_size = dist_utils.world()
         self.rank, self.world_size = int(rank), int(world_size or 1)
         self.device = torch.device(cfg.device)
-        self._factory = task_factory or self._default_task
-        self.tasks = [self._factory(w) for w in cfg.widths]
+        self._factory = task_factory
+        self.specs = cfg.task_specs()
+        self.tasks = [self._make_task(spec) for spec in self.specs]
+        self.arch = LF.architecture(cfg.architecture)
+        self.num_meta = num_meta(self.arch)
         self._eval_tasks: dict[int, InnerTask] = {}
         self.problems = [
             InnerProblem(
@@ -225,14 +309,21 @@ class MetaTrainer:
                 chunk_size=cfg.chunk_size,
                 rank=self.rank,
                 world_size=self.world_size,
+                architecture=cfg.architecture,
+                unknown_horizon=cfg.unknown_horizon,
+                augment=cfg.augment,
             )
             for i, task in enumerate(self.tasks)
         ]
         if meta_init is None:
-            meta_init = LF.init_meta_params(generator=torch.Generator().manual_seed(cfg.seed))
+            meta_init = LF.init_meta_params(
+                generator=torch.Generator().manual_seed(cfg.seed),
+                architecture=cfg.architecture,
+                kind=cfg.kind,
+            )
         elif not isinstance(meta_init, dict):  # a meta-weights file or shipped name
             meta_init, _ = load_meta_weights(meta_init)
-        check_meta_params(meta_init, "meta_init")
+        check_meta_params(meta_init, "meta_init", self.arch.name)
         theta = flatten_meta({k: v.detach().float() for k, v in meta_init.items()})
         self.theta = torch.nn.Parameter(theta.to(self.device).clone())
         self.optimizer = torch.optim.AdamW(
@@ -245,18 +336,34 @@ class MetaTrainer:
         cfg = self.config
         return WarmupCosine(cfg.warmup, cfg.outer_steps, cfg.lr_min / cfg.lr_max)
 
-    def _default_task(self, width: int) -> MLPTask:
+    def _make_task(self, spec: dict) -> InnerTask:
+        """The inner task of one task-mix entry (the ``task_factory``, if given, builds MLPs
+        from a width)."""
         cfg = self.config
-        return MLPTask.from_dataset(
-            width, cfg.depth, cfg.kind, dataset=cfg.dataset, data_root=cfg.data_root,
-            image_pool=cfg.image_pool, batch_size=cfg.batch_size, device=cfg.device,
+        if self._factory is not None:
+            return self._factory(spec["width"])
+        if spec["name"] == "mlp":
+            return MLPTask.from_dataset(
+                spec["width"], spec["depth"], cfg.kind, dataset=cfg.dataset,
+                data_root=cfg.data_root, image_pool=cfg.image_pool,
+                batch_size=spec["batch_size"], device=cfg.device,
+            )  # fmt: skip
+        from mulo.meta.inner_tasks import ModuleTask
+
+        image = spec["name"] == "cnn"
+        return ModuleTask.from_name(
+            spec["name"], spec["width"], spec["depth"], cfg.kind,
+            dataset=cfg.dataset if image else None, data_root=cfg.data_root if image else None,
+            image_pool=cfg.image_pool, batch_size=spec["batch_size"],
+            context=spec.get("context", 64), device=cfg.device,
         )  # fmt: skip
 
     # -- the estimate and the step ----------------------------------------------------------
 
     def meta_params(self) -> dict[str, Tensor]:
         """The current meta-parameters as the dict ``MuLO/SPLO(meta_weights=...)`` takes."""
-        return {k: v.detach().cpu().clone() for k, v in unflatten_meta(self.theta.detach()).items()}
+        meta = unflatten_meta(self.theta.detach(), self.arch)
+        return {k: v.detach().cpu().clone() for k, v in meta.items()}
 
     def estimate(self) -> tuple[Tensor, dict]:
         """The averaged meta-gradient estimate [D] at the current θ (advances the inner runs)
@@ -269,10 +376,13 @@ class MetaTrainer:
             infos.append(info)
         # [tasks, N, D + 2] on the trainer's device (nccl reduces CUDA tensors only)
         rows = dist_utils.all_reduce_sum_(torch.stack(blocks).to(self.device))
-        per_task = rows[:, :, :NUM_META].sum(1) / self.config.pairs
-        grad = per_task.mean(0)
+        d = self.num_meta
+        per_task = rows[:, :, :d].sum(1) / self.config.pairs
+        weights = torch.tensor([s["weight"] for s in self.specs], dtype=per_task.dtype)
+        weights = (weights / weights.sum()).to(per_task.device)
+        grad = (weights[:, None] * per_task).sum(0)
         stats: dict = {}
-        losses = rows[:, :, NUM_META:].mean(dim=(1, 2))  # mean of L+ and L- over pairs
+        losses = rows[:, :, d:].mean(dim=(1, 2))  # mean of L+ and L- over pairs
         keys = self.task_keys()
         for key, loss, info in zip(keys, losses.tolist(), infos, strict=True):
             stats[f"meta_loss/{key}"] = loss
@@ -314,7 +424,9 @@ class MetaTrainer:
         keys = []
         for i, task in enumerate(self.tasks):
             describe = task.describe()
-            key = f"w{describe['width']}" if "width" in describe else describe.get("task", "task")
+            name = describe.get("task", "task")
+            key = f"w{describe['width']}" if "width" in describe else name
+            key = key if name in ("mlp", "task") else f"{name}_{key}"
             keys.append(key if key not in keys else f"{key}_{i}")
         return keys
 
@@ -322,7 +434,9 @@ class MetaTrainer:
 
     def eval_task(self, width: int) -> InnerTask:
         if width not in self._eval_tasks:
-            self._eval_tasks[width] = self._factory(width)
+            cfg = self.config
+            spec = {"name": "mlp", "width": width, "depth": cfg.depth, "batch_size": cfg.batch_size}
+            self._eval_tasks[width] = self._make_task(spec)
         return self._eval_tasks[width]
 
     @torch.no_grad()
@@ -355,7 +469,9 @@ class MetaTrainer:
         # all seeds as one population (each its own init and batches; P = 1 uses the kernel)
         meta = {k: v.to(task.device, task.dtype) for k, v in self.meta_params().items()}
         meta = {k: v.expand(pop, *v.shape).contiguous() for k, v in meta.items()}
-        params, states = init_particles(task, seeds, copies=1)
+        # v2 is told the run length, as a user passing total_steps would
+        horizon = torch.full((pop,), steps) if self.arch.normalised else None
+        params, states = init_particles(task, seeds, copies=1, horizon=horizon)
         batcher = task.make_batcher(seeds[0] + EVAL_SEED_BASE)
         draw = lambda: batcher.sample_population(pop, task.batch_size, shared=False)  # noqa: E731
         losses = unroll_(task, meta, params, states, steps, draw, cfg.chunk_size).double().cpu()
@@ -374,7 +490,7 @@ class MetaTrainer:
     def fingerprint(self) -> dict:
         return {
             **self.config.fingerprint(),
-            "num_meta_params": NUM_META,
+            "num_meta_params": self.num_meta,
             "tasks": [t.describe() for t in self.tasks],
         }
 
@@ -390,8 +506,8 @@ class MetaTrainer:
 
     def load_state_dict(self, state: dict) -> None:
         theta = state["theta"]
-        if not isinstance(theta, Tensor) or tuple(theta.shape) != (NUM_META,):
-            raise ValueError(f"theta must be a [{NUM_META}] tensor")
+        if not isinstance(theta, Tensor) or tuple(theta.shape) != (self.num_meta,):
+            raise ValueError(f"theta must be a [{self.num_meta}] tensor")
         if len(state["problems"]) != len(self.problems):
             raise ValueError(
                 f"{len(state['problems'])} inner problems in the checkpoint, "
