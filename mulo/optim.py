@@ -32,6 +32,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         weight_decay: decoupled, ``p <- p - lr * weight_decay * p`` before the learned step.
         roles: per-name role overrides when ``params`` is a module, e.g. ``{"pos": "input"}``.
         chunk_size: elements per chunk of the fused step (bounds the extra memory).
+        total_steps: the run's length T, for LOs that read training progress (v2: progress
+            inputs and its warmup + cosine schedule over T). Without it v2 runs in its
+            "horizon unknown" mode (50-step warmup, then no schedule; meta-trained on a quarter
+            of its runs so). v1 has no notion of T and ignores it.
     """
 
     parametrization: str = "mup"
@@ -45,11 +49,15 @@ class LearnedOptimizer(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         roles: dict[str, str] | None = None,
         chunk_size: int = LF.DEFAULT_CHUNK_SIZE,
+        total_steps: int | None = None,
     ):
         if not (lr >= 0 and weight_decay >= 0):  # also rejects NaN
             raise ValueError(f"lr and weight_decay must be >= 0, got {lr} and {weight_decay}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if total_steps is not None and not (isinstance(total_steps, int) and total_steps >= 1):
+            raise ValueError(f"total_steps must be a positive integer or None, got {total_steps!r}")
+        self.total_steps = total_steps
         self._parametrization = parametrizations.get(self.parametrization)
         self._module_scales: dict[int, float] = {}
         if isinstance(params, nn.Module):
@@ -96,7 +104,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 state = self.state[p]
                 if "mv" not in state:
-                    lo_state = LF.init_state(p.unsqueeze(0)).to_dict()
+                    lo_state = LF.init_state(p.unsqueeze(0), self._horizon()).to_dict()
                     # torch.optim keeps "step" in its own dtype on load_state_dict (others are
                     # cast to the param's): the counter must not round in bf16.
                     state.update(lo_state, step=lo_state.pop("t"))
@@ -113,6 +121,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     chunk_size=self.chunk_size,
                 )
         return loss
+
+
+    def _horizon(self) -> float | None:
+        if self.total_steps is None or not LF.architecture(self.meta).normalised:
+            return None
+        return float(self.total_steps)
 
 
 class MuLO(LearnedOptimizer):

@@ -1,4 +1,5 @@
-"""The fused C kernel (mulo/kernels/lo_net.c) against the PyTorch path and the literal network."""
+"""The fused C kernel (mulo/kernels/lo_net.c) against the PyTorch path and the literal network,
+for one particle (the drop-in optimizer) and for populations (meta-training), v1 and v2."""
 
 import os
 import shutil
@@ -96,3 +97,64 @@ def test_missing_compiler_falls_back_with_one_warning(tmp_path):
     env = dict(os.environ, CC=str(tmp_path / "no-such-cc"), MULO_CACHE_DIR=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+POP_SHAPES = [(64, 200), (200, 64), (37, 53), (6, 4, 3, 3), (16, 8, 3, 3), (33, 1), (3, 5, 3)]
+
+
+def run_population(shape, arch, use_kernel, steps=3, pop=5, seed=0):
+    """Per-particle meta-parameters, counters and horizons: what meta-training steps."""
+    gen = torch.Generator().manual_seed(seed)
+    meta = LF.init_meta_params(population=pop, generator=gen, architecture=arch)
+    meta = {
+        k: (v + 0.05 * torch.randn(v.shape, generator=gen)).contiguous() for k, v in meta.items()
+    }
+    p = torch.randn(pop, *shape, generator=gen)
+    horizon = torch.tensor([0.0, 10.0, 100.0, 3.0, 1000.0][:pop])
+    state = LF.init_state(p, horizon=horizon if arch != "small_fc_lopt" else None)
+    state.t += torch.arange(pop, dtype=torch.float32) * 7  # particles out of lockstep
+    old = LF.USE_KERNEL
+    LF.USE_KERNEL = use_kernel
+    try:
+        for _ in range(steps):
+            g = torch.randn(pop, *shape, generator=gen) * torch.logspace(-3, 1, pop).reshape(
+                pop, *[1] * len(shape)
+            )
+            LF.lo_step_(meta, state, p, g, scale=1 / 64, step_mult=0.01)
+    finally:
+        LF.USE_KERNEL = old
+    return p, state
+
+
+@pytest.mark.parametrize("arch", ["small_fc_lopt", "small_fc_lopt_v2"])
+@pytest.mark.parametrize("shape", POP_SHAPES)
+def test_fused_population_path_matches_the_unfused_one(shape, arch):
+    if kernel.load() is None:
+        pytest.skip("kernel unavailable")
+    p_k, s_k = run_population(shape, arch, True)
+    p_t, s_t = run_population(shape, arch, False)
+    torch.testing.assert_close(p_k, p_t, rtol=1e-5, atol=2e-6)
+    for name, value in s_t.to_dict().items():
+        torch.testing.assert_close(s_k.to_dict()[name], value, rtol=1e-5, atol=1e-7)
+
+
+def test_kernel_takes_rank2_and_conv_layouts_and_leaves_the_rest_to_pytorch():
+    assert kernel.geometry((64, 200), LF.factored_dims((64, 200))) == (64, 200, 1)
+    assert kernel.geometry((16, 8, 3, 3), LF.factored_dims((16, 8, 3, 3))) == (16, 8, 9)
+    assert kernel.geometry((3, 5, 3), LF.factored_dims((3, 5, 3))) is None  # largest dims 1, 2
+    assert kernel.geometry((300,), LF.factored_dims((300,))) is None
+    assert kernel.geometry((0, 5), LF.factored_dims((0, 5))) is None
+
+
+def test_kernel_results_do_not_depend_on_the_thread_count():
+    if kernel.load() is None:
+        pytest.skip("kernel unavailable")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_population((70, 90), "small_fc_lopt_v2", True)[0]
+        torch.set_num_threads(2)
+        two = run_population((70, 90), "small_fc_lopt_v2", True)[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
