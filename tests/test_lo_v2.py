@@ -163,8 +163,8 @@ def test_total_steps_sets_the_horizon_and_changes_the_steps():
     state_t = opt_t.state[next(with_t.parameters())]
     assert torch.equal(state_t["horizon"], torch.tensor([40.0]))
     assert "horizon" not in opt.state[next(without.parameters())]  # unknown: warmup, no decay
-    differ = [not torch.equal(a, b) for a, b in zip(with_t.parameters(), without.parameters())]
-    assert all(differ)
+    pairs = zip(with_t.parameters(), without.parameters(), strict=True)
+    assert all(not torch.equal(a, b) for a, b in pairs)
 
 
 def test_without_total_steps_v2_is_its_horizon_unknown_mode():
@@ -212,7 +212,9 @@ def test_v2_state_dict_round_trip_resumes_bit_identically():
     opt2 = mulo.MuLO(resumed, meta_weights=V2_META, total_steps=20)
     opt2.load_state_dict(saved_opt)
     _train(opt2, resumed, 5, seed=1)
-    assert all(torch.equal(x, y) for x, y in zip(straight.parameters(), resumed.parameters()))
+    assert all(
+        torch.equal(x, y) for x, y in zip(straight.parameters(), resumed.parameters(), strict=True)
+    )
 
 
 def test_v2_meta_init_trains_a_model():
