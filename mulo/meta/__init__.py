@@ -18,10 +18,13 @@ from mulo.meta.estimators import (
     clip_meta_loss,
     flatten_meta,
     init_particles,
+    num_meta,
+    rescaled,
     sample_lengths,
     unflatten_meta,
     unroll_,
 )
+from mulo.meta.inner_tasks import ModulePopulation, ModuleTask
 from mulo.meta.outer import MetaConfig, MetaTrainer, WarmupCosine, run_meta_training
 
 __all__ = [
@@ -32,6 +35,8 @@ __all__ = [
     "MLPTask",
     "MetaConfig",
     "MetaTrainer",
+    "ModulePopulation",
+    "ModuleTask",
     "QuadraticTask",
     "WarmupCosine",
     "antithetic",
@@ -40,7 +45,9 @@ __all__ = [
     "init_distributed",
     "init_particles",
     "load_checkpoint",
+    "num_meta",
     "pair_range",
+    "rescaled",
     "run_meta_training",
     "sample_lengths",
     "save_checkpoint",

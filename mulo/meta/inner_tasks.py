@@ -34,7 +34,8 @@ faster: at these sizes each particle's ops are already large, and the cost is me
 (fresh multi-10-MB activations page-fault on this VM). ``chunk_size`` (vmap's: that many
 particles at a time, same result) cuts the peak activation size: ``chunk_size=4`` took the CNN
 at width 32 to ~0.7 s and the transformer at width 64 to ~0.8 s, and changed nothing for the
-CNN at width 16 or the transformer at width 32. The default stays unchunked (one batched computation, what a GPU wants).
+CNN at width 16 or the transformer at width 32. The default stays unchunked (one batched
+computation, what a GPU wants).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ GRAD_METHODS = ("autograd", "vmap_grad")
 # held-out evaluation: at most this many (particle, example) pairs per forward for images; text
 # uses mulo.tasks.EVAL_TOKENS (particle, token) pairs per forward
 EVAL_EXAMPLES = 4096
+EVAL_IMAGES, EVAL_WINDOWS = 2000, 256  # default held-out sizes of ModuleTask.from_name
 _SDPA_FALLBACK = (
     "There is a performance drop because we have not yet implemented the batching rule for "
     "aten::_scaled_dot_product"
@@ -335,14 +337,20 @@ class ModuleTask:
         image_pool: int = 2,
         batch_size: int = 128,
         context: int = 64,
-        eval_size: int = 2000,
+        eval_size: int | None = None,
         output_mult: float = 1.0,
         device: str | torch.device = "cpu",
         grad_method: str = "vmap_grad",
         chunk_size: int | None = None,
     ) -> ModuleTask:
         """A ``mulo.tasks`` family (``"mlp"``, ``"cnn"``, ``"transformer"``): data, held-out set
-        and model exactly as ``build_task(name, ..., parametrization=μP or SP)`` builds them."""
+        and model exactly as ``build_task(name, ..., parametrization=μP or SP)`` builds them.
+
+        ``eval_size``: held-out examples (text: windows of ``context`` bytes); default 2000
+        images as ``build_task``, but 256 windows (16k tokens at context 64) for the LM, whose
+        2000-window evaluation of 16 particles takes about half a minute on one CPU core."""
+        if eval_size is None:
+            eval_size = EVAL_WINDOWS if name == "transformer" else EVAL_IMAGES
         if name not in TASK_NAMES:
             raise ValueError(f"unknown task {name!r}; valid names: {', '.join(TASK_NAMES)}")
         task = build_task(
@@ -355,6 +363,7 @@ class ModuleTask:
             train, info = task.batcher.data, {"context": context}
         else:
             train, info = (task.batcher.x, task.batcher.y), {"image_pool": image_pool}
+        info["eval_size"] = len(task.eval_y)
         return cls(
             builder, kind, train, task.eval_x, task.eval_y, num_classes=task.num_classes,
             batch_size=batch_size, context=context if name == "transformer" else None,

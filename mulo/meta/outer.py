@@ -44,6 +44,7 @@ from mulo.meta.estimators import (
     unflatten_meta,
     unroll_,
 )
+from mulo.meta.inner_tasks import ModuleTask
 from mulo.meta_weights import check_meta_params, load_meta_weights
 
 EVAL_SEED_BASE = 1_000_003  # held-out inits and batch streams: far from the training seeds
@@ -348,8 +349,6 @@ class MetaTrainer:
                 data_root=cfg.data_root, image_pool=cfg.image_pool,
                 batch_size=spec["batch_size"], device=cfg.device,
             )  # fmt: skip
-        from mulo.meta.inner_tasks import ModuleTask
-
         image = spec["name"] == "cnn"
         return ModuleTask.from_name(
             spec["name"], spec["width"], spec["depth"], cfg.kind,
