@@ -122,7 +122,6 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 )
         return loss
 
-
     def _horizon(self) -> float | None:
         if self.total_steps is None or not LF.architecture(self.meta).normalised:
             return None
