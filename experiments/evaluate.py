@@ -53,6 +53,8 @@ def run_single(
     opt_kw = {
         k: v for k, v in optimizer_cfg.items() if k not in ("name", "schedule", "parametrization")
     }
+    if opt_kw.get("total_steps") == "auto":  # a learned optimizer told this run's length
+        opt_kw["total_steps"] = steps
     optimizer = baselines.build_optimizer(
         optimizer_cfg["name"], task.model, parametrization=parametrization, batch_size=batch_size,
         **opt_kw,

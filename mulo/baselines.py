@@ -319,6 +319,7 @@ def build_optimizer(
     lr_scaling: str = "none",
     base_width: float = 1,
     roles: Mapping[str, str] | None = None,
+    total_steps: int | None = None,
 ) -> torch.optim.Optimizer:
     """One of :data:`OPTIMIZER_NAMES` over ``model``'s trainable parameters.
 
@@ -343,6 +344,8 @@ def build_optimizer(
             (SPEC §2's absolute fan-in).
         roles: per-name role overrides (``{"pos": "input"}``) for models whose roles cannot be
             inferred; used by mulo, splo, muadam and muon.
+        total_steps: mulo/splo only: the run length for LOs that read training progress
+            (small_fc_lopt_v2); None: not told. Ignored by the others.
     """
     name = _one_of("optimizer", name, OPTIMIZER_NAMES)
     if not isinstance(model, nn.Module):
@@ -367,7 +370,10 @@ def build_optimizer(
 
     if name in ("mulo", "splo"):
         cls = MuLO if name == "mulo" else SPLO
-        return cls(model, meta_weights=meta_weights, lr=lr, weight_decay=weight_decay, roles=roles)
+        return cls(
+            model, meta_weights=meta_weights, lr=lr, weight_decay=weight_decay, roles=roles,
+            total_steps=total_steps,
+        )  # fmt: skip
     params = [p for _, p in _trainable(model)]
     if name == "sgd":
         return torch.optim.SGD(

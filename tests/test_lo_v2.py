@@ -263,3 +263,11 @@ def test_factored_statistics_of_a_rank4_conv_kernel(arch, use_kernel, monkeypatc
         fac_g = g[0].double() * fac
         expected = fac_g / torch.sqrt(1e-5 + (fac_g**2).mean())
         torch.testing.assert_close(feats[0, 10 + k].double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_build_optimizer_passes_total_steps_to_the_learned_optimizers():
+    from mulo import baselines
+
+    opt = baselines.build_optimizer("mulo", _model(), meta_weights=V2_META, total_steps=50)
+    assert opt.total_steps == 50
+    assert baselines.build_optimizer("splo", _model(), total_steps=7).total_steps == 7
