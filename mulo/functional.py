@@ -1,4 +1,4 @@
-"""small_fc_lopt as math on population-stacked tensors (SPEC §1).
+"""small_fc_lopt (v1, SPEC §1) and small_fc_lopt_v2 as math on population-stacked tensors.
 
 This is the only place the learned-optimizer update lives. Every tensor carries a leading
 population dimension P (P = 1 inside the drop-in optimizer, P = number of ES particles in
@@ -103,6 +103,9 @@ def architecture(name_or_meta) -> Architecture:
     return ARCHITECTURES[name_or_meta]
 
 
+_architecture = architecture  # for functions whose ``architecture`` argument shadows it
+
+
 # Where each per-element channel of the chunk buffer sits among the 28 normalised features.
 MATRIX_ELEMENT_CHANNELS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 25, 26, 27)
 MATRIX_ROW_CHANNELS = (13, 14, 15, 19, 20, 21)  # row_j, rsqrt(row_j + 1e-8)
@@ -120,7 +123,7 @@ def init_meta_params(
     """The meta-initialisation: truncated-normal weights (std 1/sqrt(fan_in), cut at 2 std),
     zero biases, theta = 0 (the initial decays); v2's log_lr from V2_STEP_INIT[kind] ("mu" or
     "sp"). With ``population`` each particle gets its own draw and a leading dimension."""
-    arch = globals()["architecture"](architecture)
+    arch = _architecture(architecture)
     lead = () if population is None else (population,)
     meta = {}
     for name, shape in arch.meta_shapes.items():
@@ -155,7 +158,7 @@ def _start_as_adam_(meta: dict[str, Tensor]) -> None:
 
 
 def num_meta_params(architecture: str = "small_fc_lopt") -> int:
-    return sum(math.prod(s) for s in globals()["architecture"](architecture).meta_shapes.values())
+    return sum(math.prod(s) for s in _architecture(architecture).meta_shapes.values())
 
 
 def decays(theta: Tensor) -> Tensor:
