@@ -15,8 +15,12 @@ and never builds the elements x 39 feature matrix. Three exact rewrites make it 
   first-layer contribution is computed once per row / column and broadcast-added.
 
 What remains per element is a 16-channel (rank >= 2) or 28-channel (rank < 2) input to
-Linear(->32) -> ReLU -> Linear(32->32) -> ReLU -> Linear(32->2), done as batched matmuls.
-``features`` builds the literal 39 features (for tests and inspection) from the same pieces.
+Linear(->32) -> ReLU -> Linear(32->32) -> ReLU -> Linear(32->2). On CPU, matrix-like float32
+tensors go to the fused C kernel (mulo/kernel.py: features and network in registers, all
+particles in one call); everything else runs as batched matmuls here, chunk by chunk.
+``features`` builds the literal features (for tests and inspection) from the same pieces.
+v2 (:data:`V2`) differs only in its time inputs (:func:`time_inputs`) and in how the output
+becomes a step (:func:`schedule`, the RMS normalisation and learned step sizes in ``lo_step_``).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ EXP_MULT = 0.001
 STEP_MULT_MU = 0.01
 STEP_MULT_SP = 0.001
 DEFAULT_CHUNK_SIZE = 1 << 16  # ~5 MB of buffers: L3-resident; ATen splits ops this size
-USE_KERNEL = True  # the fused C kernel for one float32 particle on CPU (mulo/kernel.py)
+USE_KERNEL = True  # the fused C kernel for float32 matrix-like tensors on CPU (mulo/kernel.py)
 META_SHAPES = {
     "w1": (HIDDEN, NUM_FEATURES),
     "b1": (HIDDEN,),

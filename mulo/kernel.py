@@ -1,12 +1,12 @@
-"""The fused CPU kernel for the LO network (mulo/kernels/lo_net.c): build once, call.
+"""The fused CPU kernel of the learned optimizer (mulo/kernels/lo_net.c): build once, call.
 
 The C file is compiled with the system C compiler on first use and cached under
 ``$MULO_CACHE_DIR`` (default ``~/.cache/mulo``), keyed by source, flags and the CPU's
 feature flags (it is built with -march=native, so a home directory shared across different
-machines gets one binary per CPU). It is called through ctypes;
-OpenMP splits a chunk's elements over torch's own thread team (torch ships libgomp under
-its standard soname, so the kernel, loaded after torch, shares it: no second pool spinning
-against the first). Without a compiler, or with
+machines gets one binary per CPU). It is called through ctypes on population-stacked tensors
+(``accumulate_`` then ``step_``; see lo_net.c). OpenMP splits the elements over torch's own
+thread team (torch ships libgomp under its standard soname, so the kernel, loaded after torch,
+shares it: no second pool spinning against the first). Without a compiler, or with
 ``MULO_DISABLE_KERNEL=1``, mulo warns once and uses the PyTorch path, which is slower.
 """
 
