@@ -337,6 +337,7 @@ class _Plan:
         self.numel = math.prod(self.shape)
         nd = len(self.shape)
         one_minus_beta = 1 - decays(meta["theta"])  # [P, 7]
+        self.w_moments = one_minus_beta[:, 0:4].contiguous()  # m0..2, v: the kernel's layout
         self.w_m = _bcast(one_minus_beta[:, 0:3], nd)
         self.w_v = _bcast(one_minus_beta[:, 3], nd)
         self.w_f = _bcast(one_minus_beta[:, 4:7], nd)
@@ -509,7 +510,7 @@ def _step_sizes(arch: Architecture, meta, state: LOState, plan: _Plan, scale, st
         return -lr * scale * step_mult
     group = 0 if plan.dims is None else (2 if scale < 1 else 1)
     base = torch.exp(meta["log_lr"][:, group].double())
-    sched = schedule(state.t.to(base.device), None if state.horizon is None else state.horizon)
+    sched = schedule(state.t.to(base.device), state.horizon)
     return (-lr * scale * base * sched.to(base.device)).float()
 
 
@@ -528,8 +529,7 @@ def _fused_step_(arch, meta, plan: _Plan, state: LOState, p, g, alpha, geo) -> N
     # f0 / t0 belong to the statistic reduced over dim 0 (state.row when d0 == 0)
     f0, f1 = (plan.rf, plan.cf) if d0 == 0 else (plan.cf, plan.rf)
     f0, f1 = (f.reshape(pop, 3, -1).contiguous() for f in (f0, f1))
-    w = torch.cat([plan.w_m.reshape(pop, 3), plan.w_v.reshape(pop, 1)], dim=1).contiguous()
-    sums = kernel.accumulate_(geo, g, p, state.mv, w, f0, f1)
+    sums = kernel.accumulate_(geo, g, p, state.mv, plan.w_moments, f0, f1)
     w_elem, terms = _first_layer(meta, plan, state, sums.to(p.dtype))
     t0, t1 = terms if d0 == 0 else terms[::-1]
     t0 = t0.reshape(pop, -1, HIDDEN).transpose(1, 2).contiguous()  # [P, 32, n0]: see lo_net.c
@@ -556,7 +556,7 @@ def _torch_step_(arch, meta, plan: _Plan, state: LOState, p, g, alpha) -> None:
     k, pop = len(plan.channels), plan.pop
     x_space, h1_space = None, None
     raw = torch.empty_like(p) if arch.normalised else None
-    dsq = torch.zeros(pop, dtype=torch.float64, device=p.device)
+    dsq = torch.zeros(pop, dtype=torch.float64, device=p.device) if arch.normalised else None
     for start, length in plan.chunks:
         cut = plan.slices(start, length)
         pc, gc, mvc, factors = _chunk_views(plan, state, p, g, start, length)

@@ -28,7 +28,6 @@ from torch import Tensor
 from mulo._atomic import atomic_path
 
 SOURCE = Path(__file__).parent / "kernels" / "lo_net.c"
-BLOCK = 64 * 16  # elements per block of parallel work: BLOCK in lo_net.c
 FLAGS = (
     "-O3",
     "-march=native",
@@ -99,6 +98,7 @@ def load() -> ctypes.CDLL | None:
     lib.lo_accumulate.restype = None
     lib.lo_step.argtypes = [i64, i64, i64, i64] + [p] * 12 + [f32, f32, i64] + [p] * 4
     lib.lo_step.restype = None
+    lib.lo_block.argtypes, lib.lo_block.restype = [], i64
     _lib = lib
     return lib
 
@@ -123,13 +123,19 @@ def _ptr(t: Tensor) -> int:
     return t.data_ptr()
 
 
+def _blocks(n: int) -> int:
+    """Blocks of parallel work (one partial sum each) for n elements."""
+    block = load().lo_block()
+    return -(-n // block)
+
+
 def accumulate_(geo, g, p, mv, w, f0, f1) -> Tensor:
     """Update the moments ``mv`` [P, 4, n] in place (``w`` [P, 4] = 1 - beta) and return the
     sums of squares [P, 16] (float64) of the per-element channels, read after the update.
     ``f0`` [P, 3, n0] / ``f1`` [P, 3, n1]: the factored rsqrt factors (see lo_net.c)."""
     a, b, c = geo
     pop, n = p.shape[0], a * b * c
-    partial = torch.empty(pop, -(-n // BLOCK), 16, dtype=torch.float64)
+    partial = torch.empty(pop, _blocks(n), 16, dtype=torch.float64)
     sums = torch.empty(pop, 16, dtype=torch.float64)
     args = [g, p, mv, w, f0, f1]
     assert usable(*args)
@@ -143,14 +149,13 @@ def step_(geo, g, p, mv, f0, f1, w1, t0, t1, w2, b2, w3, b3, *, exp_mult, exp_ca
     [P] (float64) over the finite u. ``alpha`` [P] float32."""
     a, b, c = geo
     pop, n = p.shape[0], a * b * c
-    blocks = -(-n // BLOCK)
-    partial = torch.empty(pop, blocks, dtype=torch.float64)
-    dsq = torch.zeros(pop, dtype=torch.float64)
+    normalised = out is not None
+    partial = torch.empty(pop, _blocks(n) if normalised else 0, dtype=torch.float64)
+    dsq = torch.zeros(pop if normalised else 0, dtype=torch.float64)
     args = [g, p, mv, f0, f1, w1, t0, t1, w2, b2, w3, b3]
     assert usable(*args, alpha) and (out is None or usable(out))
-    mode = 0 if out is None else 1
     load().lo_step(
-        pop, a, b, c, *map(_ptr, args), exp_mult, exp_cap, mode, _ptr(alpha),
-        0 if out is None else _ptr(out), _ptr(partial), _ptr(dsq),
+        pop, a, b, c, *map(_ptr, args), exp_mult, exp_cap, int(normalised), _ptr(alpha),
+        _ptr(out) if normalised else 0, _ptr(partial), _ptr(dsq),
     )  # fmt: skip
     return dsq

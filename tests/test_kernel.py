@@ -41,9 +41,13 @@ def test_kernel_builds_where_a_compiler_exists():
 def test_kernel_matches_pytorch_path(shape, chunk_size):
     if kernel.load() is None:
         pytest.skip("kernel unavailable")
-    p_k, s_k = run(shape, True, chunk_size)
-    p_t, s_t = run(shape, False, chunk_size)
-    torch.testing.assert_close(p_k, p_t, rtol=1e-5, atol=1e-6)
+    assert_same_step(run(shape, True, chunk_size), run(shape, False, chunk_size), atol=1e-6)
+
+
+def assert_same_step(fused, unfused, atol):
+    """Parameters and every LO state field of two paths agree."""
+    (p_k, s_k), (p_t, s_t) = fused, unfused
+    torch.testing.assert_close(p_k, p_t, rtol=1e-5, atol=atol)
     for name, value in s_t.to_dict().items():
         torch.testing.assert_close(s_k.to_dict()[name], value, rtol=1e-5, atol=1e-7)
 
@@ -131,11 +135,8 @@ def run_population(shape, arch, use_kernel, steps=3, pop=5, seed=0):
 def test_fused_population_path_matches_the_unfused_one(shape, arch):
     if kernel.load() is None:
         pytest.skip("kernel unavailable")
-    p_k, s_k = run_population(shape, arch, True)
-    p_t, s_t = run_population(shape, arch, False)
-    torch.testing.assert_close(p_k, p_t, rtol=1e-5, atol=2e-6)
-    for name, value in s_t.to_dict().items():
-        torch.testing.assert_close(s_k.to_dict()[name], value, rtol=1e-5, atol=1e-7)
+    fused, unfused = run_population(shape, arch, True), run_population(shape, arch, False)
+    assert_same_step(fused, unfused, atol=2e-6)
 
 
 def test_kernel_takes_rank2_and_conv_layouts_and_leaves_the_rest_to_pytorch():

@@ -80,7 +80,7 @@ def test_augmentation_reparametrises_the_task():
     params, _ = init_particles(task, [0, 1], copies=1)
     factors = torch.tensor([[10.0, 0.1], [1e-3, 1e3]], dtype=torch.float64)
     x, _ = task.make_batcher(0).sample_population(2, 4)
-    _, plain = task.grads(rescaled(params, factors), x, None)
+    _, plain = task.grads(rescaled(params, factors, list(task.scales)), x, None)
     seen = {}
 
     class Spy(QuadraticTask):

@@ -46,6 +46,8 @@
 typedef float v8 __attribute__((vector_size(LANES * sizeof(float))));
 typedef int32_t vmask __attribute__((vector_size(LANES * sizeof(float))));
 
+int64_t lo_block(void) { return BLOCK; } /* mulo/kernel.py sizes the partial sums with it */
+
 static inline v8 load(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store(float *p, v8 v) { memcpy(p, &v, sizeof v); }
 static inline v8 splat(float s) { return (v8){s, s, s, s, s, s, s, s}; }

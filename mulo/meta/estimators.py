@@ -402,14 +402,17 @@ def init_particles(
     return params, {name: LF.init_state(p, horizon) for name, p in params.items()}
 
 
-def rescaled(params: dict[str, Tensor], factors: Tensor | None) -> dict[str, Tensor]:
-    """Weight-rescaling augmentation: the model's weights are ``factors[:, k] * params[k-th]``
-    (``factors`` [P, tensors], None for none), so the LO trains a reparametrised task."""
+def rescaled(
+    tensors: dict[str, Tensor], factors: Tensor | None, names: list[str]
+) -> dict[str, Tensor]:
+    """Weight-rescaling augmentation: tensor ``names[k]`` times ``factors[:, k]`` (``factors``
+    [P, len(names)], None for none), so the LO trains a reparametrised task."""
     if factors is None:
-        return params
+        return tensors
+    column = {name: k for k, name in enumerate(names)}
     return {
-        name: p * factors[:, k].to(p).reshape(-1, *[1] * (p.dim() - 1))
-        for k, (name, p) in enumerate(params.items())
+        name: t * factors[:, column[name]].to(t).reshape(-1, *[1] * (t.dim() - 1))
+        for name, t in tensors.items()
     }
 
 
@@ -426,14 +429,15 @@ def unroll_(
     """Train the population ``steps`` steps with the LO, in place; return the pre-update
     minibatch losses ``[steps, P]``. ``meta_pop`` holds per-particle meta-parameters
     ``[P, ...]``; ``draw()`` gives each step's batch ``(x [P, B, ...], y [P, B, ...])``.
-    ``factors`` [P, tensors]: weight-rescaling augmentation (:func:`rescaled`): the model
+    ``factors`` [P, tensors] (columns in ``task.scales`` order): weight-rescaling augmentation
+    (:func:`rescaled`): the model
     runs on ``factor * p`` and the LO sees ``p`` and the chain-rule gradient ``factor * grad``."""
     losses = []
+    names = list(task.scales)
     for _ in range(steps):
         x, y = draw()
-        loss, grads = task.grads(rescaled(params, factors), x, y)
-        if factors is not None:
-            grads = rescaled(grads, factors)
+        loss, grads = task.grads(rescaled(params, factors, names), x, y)
+        grads = rescaled(grads, factors, names)
         with torch.no_grad():
             for name, p in params.items():
                 LF.lo_step_(
@@ -585,8 +589,7 @@ class InnerProblem:
         if self.augment is None:
             return
         if self.factors is None:
-            tensors = len(self.task.init_params(0))
-            self.factors = torch.ones(self.pairs, tensors, dtype=torch.float64)
+            self.factors = torch.ones(self.pairs, len(self.task.scales), dtype=torch.float64)
         lo, hi = math.log(self.augment[0]), math.log(self.augment[1])
         u = torch.rand(
             len(idx), self.factors.shape[1], generator=self.generator, dtype=torch.float64
