@@ -28,7 +28,8 @@ def read_metrics(run: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue  # a torn last line
         if "resumed_from" in record:  # steps after the checkpoint are redone from here on
-            records = {s: r for s, r in records.items() if s <= record["step"]}
+            at = record.get("at_step", record.get("step"))  # older files: "step"
+            records = {s: r for s, r in records.items() if s <= at}
         elif "meta_loss" in record:
             records[record["step"]] = record
     return [records[s] for s in sorted(records)]

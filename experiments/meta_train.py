@@ -86,6 +86,9 @@ def run(cfg: DictConfig) -> None:
     last: dict = {}
 
     def on_record(record: dict) -> None:
+        if "resumed_from" in record:
+            log.rewind(record["at_step"])  # the redone steps must not appear twice
+            bar.update(record["at_step"] - bar.n)
         log.log(record)
         if "meta_loss" in record:
             last.update(record)
@@ -94,7 +97,7 @@ def run(cfg: DictConfig) -> None:
                 # a loadable snapshot beside each checkpoint, so a long run's weights can be
                 # committed (and tried) while it progresses
                 export(trainer, out / "meta_weights.pt", config["name"], record["meta_loss"])
-        bar.update(record["step"] - bar.n)
+            bar.update(record["step"] - bar.n)
 
     run_meta_training(trainer, str(checkpoint), log=on_record)
     bar.close()

@@ -315,12 +315,25 @@ def _rms_inverse(sum_sq: Tensor, count: int) -> Tensor:
     return torch.rsqrt(1e-5 + sum_sq / count)
 
 
+# |g| above this is clamped: g^2 (and the accumulators built from it) must stay finite. Sums of
+# squares of the channels may still overflow; they then weight that channel 0, never NaN.
+_GRAD_LIMIT = {torch.float32: 1e16, torch.bfloat16: 1e16, torch.float64: 1e150}
+
+
 def _sanitize(grad: Tensor) -> Tensor:
-    # One reduction decides; the copy happens only when something is non-finite.
+    # One reduction decides; the copy happens only when something is non-finite or huge.
     # Non-finite entries become 0 (not nan_to_num's +-3.4e38, whose square overflows v).
-    if bool(torch.isfinite(grad.sum())):
+    limit = _GRAD_LIMIT.get(grad.dtype)
+    if limit is None:
+        if bool(torch.isfinite(grad.sum())):
+            return grad
+        return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+    if grad.numel() == 0:
         return grad
-    return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = torch.aminmax(grad)
+    if bool((low >= -limit) & (high <= limit)):  # False for NaN
+        return grad
+    return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0).clamp_(-limit, limit)
 
 
 def _bcast(w: Tensor, ndim: int) -> Tensor:
@@ -608,6 +621,9 @@ def lo_step_(
     ``u = d * exp(min(0.1 a, 3))`` (``step_mult`` is not used: v2 learns its step sizes).
     """
     arch = architecture(meta)
+    if param.numel() == 0:  # nothing to update; the counter still counts the step
+        state.t += 1
+        return
     p, g = _at_least_1d(param), _at_least_1d(_sanitize(grad))
     plan = _Plan(meta, state, p, g, chunk_size)
     alpha = _step_sizes(arch, meta, state, plan, scale, step_mult, lr)

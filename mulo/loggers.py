@@ -13,6 +13,8 @@ import netrc
 import os
 from pathlib import Path
 
+from mulo._atomic import atomic_path
+
 
 class JsonlLogger:
     """One JSON object per line; flushed per record so a crash loses nothing written."""
@@ -26,10 +28,36 @@ class JsonlLogger:
         self._file.write(json.dumps(_jsonable(record)) + "\n")
         self._file.flush()
 
+    def rewind(self, step: int) -> None:
+        """Drop the records of steps after ``step``: a run resumed from that step's checkpoint
+        redoes them, and readers must see each step once. Earlier resume markers are replayed
+        the same way (files from before this rule repeat steps), a torn last line is dropped,
+        and the rewrite is atomic; logging continues on the new file."""
+        self._file.close()
+        kept: list[dict] = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "resumed_from" in record:
+                at = record.pop("at_step", record.pop("step", None))
+                kept = [r for r in kept if not _past(r, at)]
+                record["at_step"] = at
+            kept.append(record)
+        kept = [r for r in kept if not _past(r, step)]
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._file = self.path.open("a")
+
     def close(self, summary: dict | None = None) -> None:
         if summary is not None:
             self.log({"summary": summary})
         self._file.close()
+
+
+def _past(record, step: int) -> bool:
+    return isinstance(record, dict) and record.get("step") is not None and record["step"] > step
 
 
 class WandbLogger:
@@ -84,6 +112,12 @@ class Loggers:
     def log(self, record: dict) -> None:
         for lg in self.loggers:
             lg.log(record)
+
+    def rewind(self, step: int) -> None:
+        """Forget records after ``step`` where a logger can (the JSONL file; W&B cannot)."""
+        for lg in self.loggers:
+            if hasattr(lg, "rewind"):
+                lg.rewind(step)
 
     def close(self, summary: dict | None = None) -> None:
         for lg in self.loggers:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 import parametrizations
 from mulo import functional as LF
 from mulo.meta_weights import check_meta_params, default_meta_weights, load_meta_weights
+from parametrizations.roles import as_role
 
 MetaWeights = str | Path | dict[str, Tensor] | None
 
@@ -59,12 +60,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"total_steps must be a positive integer or None, got {total_steps!r}")
         self.total_steps = total_steps
         self._parametrization = parametrizations.get(self.parametrization)
-        self._module_scales: dict[int, float] = {}
+        # s_W of every module parameter, frozen ones too (progressive unfreezing adds them
+        # later); keyed by the tensor itself so that deepcopy and pickle carry it over.
+        self._module_scales: dict[Tensor, float] = {}
         if isinstance(params, nn.Module):
             scales = self._parametrization.update_scales(params, overrides=roles)
-            named = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
-            params = [p for _, p in named]
-            self._module_scales = {id(p): scales[n] for n, p in named}
+            self._module_scales = {p: scales[n] for n, p in params.named_parameters()}
+            params = [p for p in params.parameters() if p.requires_grad]
         elif roles is not None:
             raise ValueError("roles= needs the model: pass the nn.Module, not its parameters")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
@@ -73,13 +75,44 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._meta_cache: dict[tuple, dict[str, Tensor]] = {}
 
     def add_param_group(self, param_group: dict) -> None:
-        """Also records each new tensor's s_W (from the module it came with, else infshape)."""
+        """Also records each new tensor's s_W: from an explicit ``"role"`` key of the group
+        (``input``, ``hidden``, ``output``/``readout``, ``vector``), else from the module the
+        optimizer was built with (frozen parameters included), else from the tensor itself
+        (vectors: 1; matrices: their mup ``infshape``)."""
+        role = param_group.get("role")
+        if role is not None:
+            role = as_role(role, "the param group")
         super().add_param_group(param_group)
         for p in self.param_groups[-1]["params"]:
-            scale = self._module_scales.get(id(p))
-            if scale is None:
+            if role is not None:
+                scale = self._parametrization.role_scale(role, p)
+            elif p in self._module_scales:
+                scale = self._module_scales[p]
+            else:
                 scale = self._parametrization.tensor_scale(p)
             self.state[p]["scale"] = float(scale)
+
+    def __getstate__(self) -> dict:
+        # torch.optim pickles only defaults/state/param_groups; an LO also needs its
+        # meta-weights and settings. The device/dtype cache is rebuilt on the first step.
+        return {k: v for k, v in self.__dict__.items() if k != "_meta_cache"}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._meta_cache = {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim's load, checked against this model: every saved accumulator must have
+        the shape this parameter needs (else one ``ValueError``), and s_W always comes from
+        the current model, never from the file (a state saved at another width or under
+        another parametrization carries the wrong one)."""
+        scales = {p: self.state[p]["scale"] for g in self.param_groups for p in g["params"]}
+        super().load_state_dict(state_dict)
+        for i, (p, scale) in enumerate(scales.items()):
+            state = self.state[p]
+            state["scale"] = scale
+            if "mv" in state:
+                _check_loaded_state(state, p, i)
 
     def _meta_for(self, p: Tensor) -> dict[str, Tensor]:
         key = (p.device, p.dtype)
@@ -98,7 +131,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             for p in group["params"]:
-                if p.grad is None:
+                if p.grad is None or p.numel() == 0:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
@@ -151,3 +184,15 @@ def _resolve_meta(meta_weights: MetaWeights, parametrization: str):
             "name": "in-memory"
         }
     return load_meta_weights(meta_weights)
+
+
+def _check_loaded_state(state: dict, p: Tensor, index: int) -> None:
+    expected = LF.init_state(p.unsqueeze(0))
+    for key in ("mv", "row", "col", "diag"):
+        want, have = getattr(expected, key), state.get(key)
+        shape = [None if x is None else tuple(x.shape) for x in (want, have)]
+        if shape[0] != shape[1]:
+            raise ValueError(
+                f"optimizer state does not fit this model: parameter {index} (shape "
+                f"{tuple(p.shape)}) needs {key!r} of shape {shape[0]}, the state has {shape[1]}"
+            )

@@ -37,7 +37,7 @@ class ParametrizationError(ValueError):
     """A model or argument the μP layer cannot handle; the message is one line that says the fix."""
 
 
-_VALID_ROLES = ", ".join(r.value for r in Role)
+_VALID_ROLES = ", ".join(r.value for r in Role) + " (readout = output)"
 
 _CONVS = (
     nn.Conv1d,
@@ -78,9 +78,14 @@ def is_readout(module: nn.Module) -> bool:
     return isinstance(module, MuReadout)
 
 
+_ALIASES = {"readout": Role.OUTPUT}  # the word the README and the μP papers use
+
+
 def as_role(value: Role | str, name: str = "") -> Role:
+    """A role from its name (``"readout"`` is an alias of ``"output"``)."""
     try:
-        return Role(value.lower() if isinstance(value, str) else value)
+        key = value.lower() if isinstance(value, str) else value
+        return _ALIASES.get(key) or Role(key)
     except ValueError:
         where = f" for '{name}'" if name else ""
         raise ParametrizationError(

@@ -32,6 +32,8 @@ class MuP(Parametrization):
 
     def tensor_scale(self, param: torch.Tensor) -> float:
         infshape = getattr(param, "infshape", None)
+        if param.dim() < 2:  # a vector is never a hidden matrix: s_W = 1, infshape or not
+            return 1.0
         if infshape is None:
             raise ParametrizationError(
                 f"a tensor of shape {tuple(param.shape)} has no `infshape`, so its μP role is "

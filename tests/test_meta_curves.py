@@ -53,3 +53,25 @@ def test_missing_run_is_one_line(tmp_path, capsys):
         meta_curves.main([str(tmp_path / "nope")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("error: no metrics.jsonl in")
+
+
+def test_jsonl_rewind_replays_old_resume_markers(tmp_path):
+    """A file from before the rule (steps repeated after a "step"-keyed marker) is cleaned by
+    the next resume: each step once, markers keep their step as ``at_step``."""
+    from mulo.loggers import JsonlLogger
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": s, "meta_loss": 1.0} for s in (1, 2, 3)]
+    lines += [{"step": 2, "resumed_from": "c.pt"}, {"step": 3, "meta_loss": 2.0}]
+    lines += [{"step": 4, "meta_loss": 2.0}, {"step": 5, "meta_loss": 2.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 6, "me')
+    log = JsonlLogger(path)
+    log.rewind(4)
+    log.log({"step": 5, "meta_loss": 3.0})
+    log.close()
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r.get("step"), r.get("meta_loss")) for r in recs if "step" in r] == [
+        (1, 1.0), (2, 1.0), (3, 2.0), (4, 2.0), (5, 3.0)
+    ]  # fmt: skip
+    assert [r for r in recs if "resumed_from" in r] == [{"resumed_from": "c.pt", "at_step": 2}]
+    assert [r["step"] for r in meta_curves.read_metrics(tmp_path)] == [1, 2, 3, 4, 5]

@@ -66,6 +66,7 @@ def test_runs_resumes_with_the_same_command_and_exports_weights(data_dir, tmp_pa
     recs = records(run / "metrics.jsonl")
     assert any(r.get("resumed_from") for r in recs)
     assert [r["step"] for r in recs if "meta_loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in recs if "step" in r] == [1, 2, 3, 4]  # each step once
 
     import mulo
     import parametrizations as P
@@ -122,3 +123,21 @@ def test_corrupt_checkpoint_is_an_error_not_a_silent_restart(data_dir, tmp_path)
     assert out.returncode == 2
     assert out.stderr.startswith("error: ") and "checkpoint" in out.stderr
     assert (run / "checkpoint.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_resume_after_a_crash_logs_each_step_once(data_dir, tmp_path):
+    """Records written after the last checkpoint (then a kill) are redone on resume: the file
+    keeps the redone ones only, so readers (meta_curves, W&B replays) see each step once."""
+    args = [f"meta.data_root={data_dir}", f"out_dir={tmp_path}", *TINY]
+    first = meta_train("experiment=mulo_s", "meta.outer_steps=2", *args)
+    assert first.returncode == 0, first.stderr
+    metrics = tmp_path / "meta_train" / "mulo_s" / "metrics.jsonl"
+    with metrics.open("a") as f:  # what a run killed during step 4 leaves behind
+        f.write(json.dumps({"step": 3, "meta_loss": -1.0}) + "\n" + '{"step": 4, "meta_lo')
+    again = meta_train("experiment=mulo_s", "meta.outer_steps=4", *args)
+    assert again.returncode == 0, again.stderr
+    recs = records(metrics)
+    steps = [r["step"] for r in recs if "step" in r]
+    assert steps == [1, 2, 3, 4]
+    assert all(r["meta_loss"] != -1.0 for r in recs if "meta_loss" in r)
+    assert [r["at_step"] for r in recs if "resumed_from" in r] == [2]

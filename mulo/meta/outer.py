@@ -552,7 +552,8 @@ def run_meta_training(
         if Path(checkpoint).exists():
             load_checkpoint(checkpoint, trainer)
             if trainer.rank == 0:
-                log({"step": trainer.outer_step, "resumed_from": str(checkpoint)})
+                # no "step" key: the records of steps <= at_step are already in the log
+                log({"resumed_from": str(checkpoint), "at_step": trainer.outer_step})
     end = cfg.outer_steps if steps is None else min(cfg.outer_steps, trainer.outer_step + steps)
     record = None
     while trainer.outer_step < end:
