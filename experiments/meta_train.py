@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from experiments._cli import check_argv, one_line_errors, run_dir
 from mulo.loggers import JsonlLogger, Loggers, WandbLogger
 from mulo.meta import MetaConfig, MetaTrainer, run_meta_training
+from mulo.meta.checkpoint import check_resumable, saved_step
 from mulo.meta.distributed import init_distributed, shutdown
 from mulo.meta_weights import save_meta_weights
 
@@ -74,6 +75,13 @@ def run(cfg: DictConfig) -> None:
         out.mkdir(parents=True)
         print(f"fresh=true: moved the previous run to {aside}")
     trainer = MetaTrainer(meta)
+    check_resumable(checkpoint)
+    if checkpoint.exists() and (done := saved_step(checkpoint, trainer)) >= meta.outer_steps:
+        # re-running a finished run must not rewrite its weights, metrics or W&B run
+        print(f"{config['name']}: already finished ({done} of {meta.outer_steps} outer steps); "
+              f"{out} left untouched (raise meta.outer_steps to continue)")  # fmt: skip
+        shutdown()
+        return
     log = Loggers()
     if rank == 0:
         log = Loggers(JsonlLogger(out / "metrics.jsonl"), _wandb(config, meta, out))

@@ -1,7 +1,10 @@
 """Meta-weight files: save, load with format/version/shape checks, and the shipped defaults.
 
 A file is a ``torch.save`` of ``{"format", "version", "architecture", "meta_params",
-"provenance"}``; it is read with ``weights_only=True`` so a file cannot run code.
+"provenance", "sha256"}``; it is read with ``weights_only=True`` so a file cannot run code.
+``sha256`` (version 2) is the hash of the meta-parameters, checked on load: a flipped byte in
+the tensors is an error, not a silently different optimizer. Version 1 files (no hash) still
+load, with every other check.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from mulo._atomic import atomic_path
 from mulo.functional import init_meta_params
 
 FORMAT = "mulo-meta-weights"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 ARCHITECTURE = "small_fc_lopt"  # v1; a file names its architecture (LF.ARCHITECTURES)
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_NAMES = {"mup": "mulo_m", "sp": "splo_m"}
@@ -41,6 +45,7 @@ def save_meta_weights(path: str | Path, meta: dict[str, Tensor], provenance: dic
         # plain JSON types only, so that weights_only loading can read it back
         "provenance": json.loads(json.dumps(dict(provenance or {}), default=_plain)),
     }
+    payload["sha256"] = _sha256(payload["meta_params"])
     with atomic_path(path) as tmp:  # a crash never leaves a half-written file under the name
         torch.save(payload, tmp)
 
@@ -82,10 +87,10 @@ def load_meta_weights(name_or_path: str | Path) -> tuple[dict[str, Tensor], dict
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise MetaWeightsError(f"{path} is not a mulo meta-weights file (format != {FORMAT!r})")
-    if payload.get("version") != VERSION:
+    if payload.get("version") not in READABLE_VERSIONS:
         raise MetaWeightsError(
             f"{path} has meta-weights format version {payload.get('version')!r}; "
-            f"this mulo reads version {VERSION}"
+            f"this mulo reads versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
     arch = payload.get("architecture")
     if arch not in LF.ARCHITECTURES:
@@ -94,17 +99,25 @@ def load_meta_weights(name_or_path: str | Path) -> tuple[dict[str, Tensor], dict
         )
     meta = payload.get("meta_params")
     check_meta_params(meta, str(path), arch)
+    if payload["version"] >= 2 and payload.get("sha256") != _sha256(meta):
+        raise MetaWeightsError(
+            f"{path} is corrupt: its meta-parameters do not match the sha256 stored with them"
+        )
     shapes = LF.ARCHITECTURES[arch].meta_shapes
     return {k: meta[k].float() for k in shapes}, dict(payload.get("provenance") or {})
 
 
 def digest(meta: dict[str, Tensor]) -> str:
     """A short content hash of meta-parameters: which learned optimizer produced a result."""
+    return _sha256(meta)[:16]
+
+
+def _sha256(meta: dict[str, Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(meta):
         h.update(name.encode())
         h.update(meta[name].detach().cpu().float().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return h.hexdigest()
 
 
 def check_meta_params(meta, where: str, architecture: str | None = None) -> None:
@@ -127,8 +140,23 @@ def check_meta_params(meta, where: str, architecture: str | None = None) -> None
             raise MetaWeightsError(
                 f"{where}: {name} has shape {got}, expected {shape} ({arch.name})"
             )
+        if not t.is_floating_point():
+            raise MetaWeightsError(
+                f"{where}: {name} has dtype {str(t.dtype).removeprefix('torch.')}, "
+                "expected floating point"
+            )
         if not torch.isfinite(t).all():
             raise MetaWeightsError(f"{where}: {name} holds non-finite values")
+    # 1 - beta = (1 - beta0) exp(10 theta) must be a usable EMA weight: at 0 (beta rounds to 1
+    # in float32) an accumulator never moves; above 1 (beta < 0) it oscillates and diverges
+    one_minus_beta = 1 - LF.decays(meta["theta"].double())
+    bad = ~((one_minus_beta >= 1e-7) & (one_minus_beta <= 1))
+    if bool(bad.any()):
+        worst = one_minus_beta[bad][0].item()
+        raise MetaWeightsError(
+            f"{where}: theta gives a decay with 1 - beta = {worst:.3g}, outside [1e-7, 1] "
+            "(an accumulator that never moves or diverges)"
+        )
 
 
 _warned: set[str] = set()

@@ -141,3 +141,38 @@ def test_resume_after_a_crash_logs_each_step_once(data_dir, tmp_path):
     assert steps == [1, 2, 3, 4]
     assert all(r["meta_loss"] != -1.0 for r in recs if "meta_loss" in r)
     assert [r["at_step"] for r in recs if "resumed_from" in r] == [2]
+
+
+def test_orphaned_prev_checkpoint_is_never_overwritten(data_dir, tmp_path):
+    """checkpoint.pt gone, checkpoint.pt.prev present: restarting from step 1 would later
+    overwrite .prev, the only good copy. One line naming both ways out, exit 2."""
+    args = [f"meta.data_root={data_dir}", f"out_dir={tmp_path}", *TINY]
+    first = meta_train("experiment=mulo_s", "meta.outer_steps=2", *args)
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "meta_train" / "mulo_s"
+    prev = run / "checkpoint.pt.prev"
+    assert prev.is_file()
+    (run / "checkpoint.pt").unlink()
+    kept = prev.read_bytes()
+    again = meta_train("experiment=mulo_s", "meta.outer_steps=4", *args)
+    assert again.returncode == 2
+    lines = again.stderr.strip().splitlines()
+    assert len(lines) == 1 and "checkpoint.pt.prev" in lines[0] and "fresh=true" in lines[0]
+    assert "mv " in lines[0]
+    assert prev.read_bytes() == kept and not (run / "checkpoint.pt").exists()
+
+
+def test_rerunning_a_finished_run_leaves_it_untouched(data_dir, tmp_path):
+    args = [f"meta.data_root={data_dir}", f"out_dir={tmp_path}", *TINY]
+    first = meta_train("experiment=mulo_s", "meta.outer_steps=2", *args)
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "meta_train" / "mulo_s"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    again = meta_train("experiment=mulo_s", "meta.outer_steps=2", *args)
+    assert again.returncode == 0, again.stderr
+    assert "already finished (2 of 2 outer steps)" in again.stdout
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    import mulo
+
+    _, provenance = mulo.load_meta_weights(run / "meta_weights.pt")
+    assert provenance["final_meta_loss"] is not None

@@ -206,6 +206,19 @@ def _write(kind: str, path: Path) -> None:
         torch.save(_payload(meta_params=[1, 2, 3]), path)
     elif kind == "non-finite":
         torch.save(_payload(meta_params=_nan_w1()), path)
+    elif kind == "flipped bytes":  # 64 bytes inside w1's data: the zip still reads fine
+        m = meta()
+        mulo.save_meta_weights(path, m)
+        data = bytearray(path.read_bytes())
+        at = data.find(m["w1"].numpy().tobytes()[:256]) + 1000
+        data[at : at + 64] = bytes(b ^ 0x5A for b in data[at : at + 64])
+        path.write_bytes(bytes(data))
+    elif kind in ("theta = 100", "theta = -100"):
+        theta = torch.full_like(meta()["theta"], 100.0 if kind == "theta = 100" else -100.0)
+        torch.save(_payload(meta_params=_meta_with(theta=theta)), path)
+    elif kind in ("int64", "complex"):
+        dtype = torch.int64 if kind == "int64" else torch.complex64
+        torch.save(_payload(meta_params=_meta_with(w2=meta()["w2"].to(dtype))), path)
     else:
         raise AssertionError(kind)
 
@@ -223,6 +236,11 @@ BROKEN = {
     "missing key": "b3",
     "meta not a dict": "meta_params",
     "non-finite": "non-finite",
+    "flipped bytes": "sha256",
+    "theta = 100": "1 - beta",
+    "theta = -100": "1 - beta",
+    "int64": "dtype int64",
+    "complex": "dtype complex64",
 }
 
 

@@ -87,3 +87,11 @@ def test_shipped_mulo_trains_a_fresh_width_1024_mlp_within_100_steps(tmp_path, m
     assert all(math.isfinite(v) for v in losses)
     final = sum(losses[-10:]) / 10
     assert final < 0.6 * losses[0], (losses[0], final)
+
+
+@pytest.mark.parametrize("name", MW.available())
+def test_every_shipped_file_carries_its_digest(name):
+    """Shipped files are format version 2: a corrupted copy is refused, not used."""
+    payload = torch.load(MW.WEIGHTS_DIR / f"{name}.pt", weights_only=True)
+    assert payload["version"] == 2
+    assert payload["sha256"][:16] == MW.digest(payload["meta_params"])

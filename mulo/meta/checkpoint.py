@@ -132,9 +132,23 @@ def fingerprint_mismatch(saved: dict, current: dict) -> str | None:
     return None
 
 
-def load_checkpoint(path: str | Path, trainer) -> dict:
-    """Restore ``trainer`` from ``path``; returns the ``extra`` dict saved with it."""
+def check_resumable(path: str | Path) -> None:
+    """Refuse to start over beside an orphaned ``.prev``: the run would later overwrite the
+    only good copy of its state."""
     path = Path(path)
+    if not path.exists() and prev_path(path).is_file():
+        raise CheckpointError(
+            f"{path} is missing but {prev_path(path)} exists: restore it to resume "
+            f"(mv {prev_path(path)} {path}), or start over with fresh=true"
+        )
+
+
+def saved_step(path: str | Path, trainer) -> int:
+    """The outer step of the checkpoint at ``path``, checked against ``trainer``'s config."""
+    return int(_matching_payload(Path(path), trainer)["state"]["outer_step"])
+
+
+def _matching_payload(path: Path, trainer) -> dict:
     payload = read_checkpoint(path)
     diff = fingerprint_mismatch(payload["fingerprint"], _plain(trainer.fingerprint()))
     if diff:
@@ -142,6 +156,13 @@ def load_checkpoint(path: str | Path, trainer) -> dict:
             f"checkpoint {path} was written for a different configuration: {diff} "
             "(use a fresh checkpoint path or restore the configuration)"
         )
+    return payload
+
+
+def load_checkpoint(path: str | Path, trainer) -> dict:
+    """Restore ``trainer`` from ``path``; returns the ``extra`` dict saved with it."""
+    path = Path(path)
+    payload = _matching_payload(path, trainer)
     try:
         trainer.load_state_dict(payload["state"])
     except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as e:

@@ -544,11 +544,12 @@ def run_meta_training(
     record gets ``eval/...`` entries from :meth:`MetaTrainer.evaluate` (rank 0 only). ``log``
     is called with each step's record on rank 0. Returns the last record.
     """
-    from mulo.meta.checkpoint import load_checkpoint, save_checkpoint
+    from mulo.meta.checkpoint import check_resumable, load_checkpoint, save_checkpoint
 
     cfg = trainer.config
     log = log or (lambda record: None)
     if checkpoint is not None:
+        check_resumable(checkpoint)
         if Path(checkpoint).exists():
             load_checkpoint(checkpoint, trainer)
             if trainer.rank == 0:
