@@ -142,5 +142,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_argv(sys.argv[1:], default_out_dir="experiments/results/coord_check")
+    check_argv(
+        sys.argv[1:], default_out_dir="experiments/results/coord_check", config_name="coord_check"
+    )
     main()

@@ -18,7 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from experiments._cli import check_argv, one_line_errors, run_dir
+from experiments._cli import blame, check_argv, one_line_errors, run_dir
 from mulo import baselines, tasks
 from mulo.loggers import JsonlLogger, Loggers, WandbLogger
 from mulo.train import train
@@ -142,11 +142,17 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
+def memory_needs(config: dict) -> list[tuple[str, int]]:
+    """What a run of this config allocates, for the up-front check (see experiments._cli)."""
+    estimate = tasks.memory_estimate(**config["task"], batch_size=config["batch_size"])
+    return [blame("task.width", "batch_size", estimate)]
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 
 
 if __name__ == "__main__":
-    check_argv(sys.argv[1:])
+    check_argv(sys.argv[1:], config_name="evaluate", memory=memory_needs)
     main()

@@ -28,7 +28,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from experiments._cli import check_argv, one_line_errors, run_dir
+from experiments._cli import blame, check_argv, one_line_errors, run_dir
+from mulo import tasks
 from mulo.loggers import JsonlLogger, Loggers, WandbLogger
 from mulo.meta import MetaConfig, MetaTrainer, run_meta_training
 from mulo.meta.checkpoint import check_resumable, saved_step
@@ -136,11 +137,36 @@ def _wandb(config: dict, meta: MetaConfig, out: Path):
     )
 
 
+def memory_needs(config: dict) -> list[tuple[str, int]]:
+    """Every inner population at once, and the evaluation model (see experiments._cli)."""
+    meta = config["meta"]
+    data = {"dataset": meta["dataset"], "image_pool": meta["image_pool"]}
+    population = 2 * meta["pairs"]
+    needs = []
+    for width in meta["widths"] if not meta.get("tasks") else []:
+        estimate = tasks.memory_estimate(
+            "mlp", width=width, depth=meta["depth"], batch_size=meta["batch_size"],
+            population=population, **data,
+        )  # fmt: skip
+        needs.append(blame("meta.widths", "meta.batch_size", estimate))
+    for task in meta.get("tasks") or []:
+        spec = {"depth": meta["depth"], "batch_size": meta["batch_size"], **task}
+        needs.append(blame("meta.tasks", "meta.tasks", tasks.memory_estimate(
+            **spec, population=population, **data)))  # fmt: skip
+    if meta["eval_width"]:
+        estimate = tasks.memory_estimate(
+            "mlp", width=meta["eval_width"], depth=meta["depth"], batch_size=meta["batch_size"],
+            **data,
+        )  # fmt: skip
+        needs.append(blame("meta.eval_width", "meta.batch_size", estimate))
+    return needs
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="meta_train")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 
 
 if __name__ == "__main__":
-    check_argv(sys.argv[1:])
+    check_argv(sys.argv[1:], config_name="meta_train", memory=memory_needs)
     main()

@@ -282,5 +282,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_argv(sys.argv[1:], default_out_dir="experiments/results/transfer_study")
+    check_argv(
+        sys.argv[1:], default_out_dir="experiments/results/transfer_study", config_name="study"
+    )
     main()

@@ -21,8 +21,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from experiments._cli import check_argv, one_line_errors, run_dir
+from experiments._cli import blame, check_argv, one_line_errors, run_dir
 from experiments.evaluate import run_single
+from mulo import tasks
 
 
 def sweep(config: dict, out: Path) -> list[dict]:
@@ -177,11 +178,18 @@ def run(cfg: DictConfig) -> Path:
     return out
 
 
+def memory_needs(config: dict) -> list[tuple[str, int]]:
+    """The widest run of the sweep, for the up-front check (see experiments._cli)."""
+    task = {**config["task"], "width": max(config["widths"])}
+    estimate = tasks.memory_estimate(**task, batch_size=config["batch_size"])
+    return [blame("widths", "batch_size", estimate)]
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="width_transfer")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 
 
 if __name__ == "__main__":
-    check_argv(sys.argv[1:])
+    check_argv(sys.argv[1:], config_name="width_transfer", memory=memory_needs)
     main()

@@ -19,6 +19,7 @@ stacked ``[P, ...]`` tensors and computes all P losses (and gradients) in one ba
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,23 +244,15 @@ def build_task(
         eval_x, eval_y = windows[:, :-1], windows[:, 1:]
         batcher = D.TextBatcher(text["train"], context, seed=seed, device=device)
         num_classes = 256
-        builder = lambda: P.transformer_lm(  # noqa: E731
-            256, width, depth, context=context, parametrization=scheme, output_mult=output_mult
-        )
+        builder = functools.partial(_model, name, width, depth, scheme, output_mult, context)
     else:
         (xtr, ytr), (xte, yte) = _image_data(dataset, data_root, image_pool)
         num_classes = 10  # Fashion-MNIST, MNIST and CIFAR-10 alike
+        builder = functools.partial(
+            _model, name, width, depth, scheme, output_mult, tuple(xtr.shape[1:])
+        )
         if name == "mlp":
             xtr, xte = xtr.reshape(len(xtr), -1), xte.reshape(len(xte), -1)
-            features = xtr.shape[1]
-            builder = lambda: P.mlp(  # noqa: E731
-                features, width, depth, num_classes, parametrization=scheme, output_mult=output_mult
-            )
-        else:
-            channels, size = xtr.shape[1], xtr.shape[-1]
-            builder = lambda: P.cnn(  # noqa: E731
-                channels, width, depth, num_classes, size, scheme, output_mult=output_mult
-            )
         eval_x, eval_y = xte[:eval_size], yte[:eval_size]
         batcher = D.TensorBatcher(xtr, ytr, seed=seed, device=device)
 
@@ -282,6 +275,58 @@ def build_task(
         num_classes=num_classes,
         device=device,
     )
+
+
+def _model(name: str, width: int, depth: int, scheme: str, output_mult: float, shape):
+    """The task's network; ``shape``: an image's (channels, height, width) or the context."""
+    if name == "transformer":
+        return P.transformer_lm(
+            256, width, depth, context=shape, parametrization=scheme, output_mult=output_mult
+        )
+    if name == "mlp":
+        features = math.prod(shape)
+        return P.mlp(features, width, depth, 10, parametrization=scheme, output_mult=output_mult)
+    return P.cnn(shape[0], width, depth, 10, shape[-1], scheme, output_mult=output_mult)
+
+
+# image (channels, side) per dataset, before pooling
+IMAGE_SHAPES = {"fashion_mnist": (1, 28), "mnist": (1, 28), "cifar10": (3, 32)}
+
+
+def memory_estimate(
+    name: str,
+    *,
+    width: int,
+    depth: int,
+    batch_size: int,
+    population: int = 1,
+    dataset: str | None = None,
+    image_pool: int = 2,
+    context: int = 64,
+    state_floats: int = 8,
+    **_: object,
+) -> tuple[int, int]:
+    """(parameter bytes, activation bytes) of training ``population`` copies of this task,
+    without allocating it: the parameter count of the real network (built on the meta
+    device), each with ``state_floats`` float32s in all (weights, gradient, optimizer state),
+    and a coarse bound on the activations kept for the backward pass. For refusing a size
+    that cannot fit before anything is allocated; not a profile."""
+    if name == "transformer":
+        shape = context
+    else:
+        channels, side = IMAGE_SHAPES.get(_canonical_dataset(name, dataset), (3, 32))
+        shape = (channels, side // image_pool, side // image_pool)
+    with torch.device("meta"):
+        model = _model(name, width, depth, "sp", 1.0, shape)
+    params = sum(p.numel() for p in model.parameters())
+    if name == "mlp":
+        per_example = width * (depth + 1)
+    elif name == "cnn":
+        per_example = width * shape[1] * shape[2] * (depth + 1)
+    else:  # per token: the residual stream, attention and the 4x MLP, per layer
+        per_example = context * (width * 12 + context) * depth
+    # x3: pre-activations, activations and their gradients
+    return 4 * params * state_floats * population, 4 * 3 * per_example * batch_size * population
 
 
 # ---------------------------------------------------------------------------------------------
