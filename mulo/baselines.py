@@ -1,4 +1,4 @@
-"""Hand-designed baselines and learning-rate schedules behind one interface (SPEC §4).
+"""Hand-designed baselines and learning-rate schedules behind one interface (docs/math.md §4).
 
 ``build_optimizer(name, model, ...)`` returns a ``torch.optim.Optimizer`` for any of
 :data:`OPTIMIZER_NAMES`; ``build_schedule(optimizer, name, steps=...)`` returns a
@@ -19,7 +19,7 @@ prodigy    ``prodigyopt.Prodigy`` (lr multiplies its estimated step size)       
 For mulo/splo ``lr`` is the multiplier on the meta-trained step, so 1.0 is the step the
 optimizer was meta-trained with, and a schedule or a batch-size rule scales that multiplier.
 
-μAdam and the meaning of its lr: the per-tensor scale is the one μLO uses (SPEC §2, absolute
+μAdam and the meaning of its lr: the per-tensor scale is the one μLO uses (docs/math.md §2, absolute
 fan-in, base width 1): hidden matrices get ``lr * base_width / fan_in``, every other tensor
 ``lr``. With the default ``base_width=1``, ``lr`` is "the Adam lr of a hidden matrix at width 1",
 so good values are far larger than AdamW's (about ``adamw_lr * width`` at the width where the two
@@ -341,7 +341,7 @@ def build_optimizer(
             rule ("none", "linear", "sqrt"; see :func:`scaled_lr`) moves it to ``batch_size``.
             It applies to every optimizer (for mulo/splo it scales the step multiplier).
         base_width: muadam only: hidden matrices get ``lr * base_width / fan_in``. Default 1
-            (SPEC §2's absolute fan-in).
+            (docs/math.md §2's absolute fan-in).
         roles: per-name role overrides (``{"pos": "input"}``) for models whose roles cannot be
             inferred; used by mulo, splo, muadam and muon.
         total_steps: mulo/splo only: the run length for LOs that read training progress

@@ -1,4 +1,4 @@
-"""small_fc_lopt (v1, SPEC §1) and small_fc_lopt_v2 as math on population-stacked tensors.
+"""small_fc_lopt (v1, docs/math.md §1) and small_fc_lopt_v2 as math on population-stacked tensors.
 
 This is the only place the learned-optimizer update lives. Every tensor carries a leading
 population dimension P (P = 1 inside the drop-in optimizer, P = number of ES particles in
@@ -407,7 +407,7 @@ def _element_channels_(out: Tensor, g: Tensor, p: Tensor, mv: Tensor, factors) -
     """Write the per-element channels of one chunk into ``out`` [P, K, *C] (un-normalised).
 
     ``factors`` is (row factor, col factor) for rank >= 2 (K = 16, order
-    MATRIX_ELEMENT_CHANNELS) or the diag accumulator for rank < 2 (K = 28, SPEC order).
+    MATRIX_ELEMENT_CHANNELS) or the diag accumulator for rank < 2 (K = 28, docs/math.md order).
     """
     m = mv[:, :3]
     out[:, 0].copy_(g)

@@ -63,7 +63,10 @@ def resolve(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.suffix == ".pt" or path.exists() or len(path.parts) > 1:
         if not path.is_file():
-            raise MetaWeightsError(f"meta-weights file not found: {path}")
+            names = ", ".join([*available(), META_INIT])
+            raise MetaWeightsError(
+                f"meta-weights file not found: {path} (or use a shipped name: {names})"
+            )
         return path
     shipped = WEIGHTS_DIR / f"{name_or_path}.pt"
     if not shipped.is_file():

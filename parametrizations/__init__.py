@@ -1,6 +1,6 @@
 """μP vs SP for any `nn.Module`: parameter roles, init, readout multiplier, per-tensor scale s_W.
 
-Knows nothing about learned optimizers; `mulo` asks it for roles and scales (SPEC §2)::
+Knows nothing about learned optimizers; `mulo` asks it for roles and scales (docs/math.md §2)::
 
     import parametrizations as P
     model = P.mlp(784, width=1024, depth=3, out_features=10, parametrization="mup")

@@ -1,8 +1,8 @@
 """The one interface every parametrization implements.
 
 A parametrization turns the role table (`roles.py`) into three things: the init rewrite, the
-readout multiplier, and the per-tensor learned-optimizer update scale s_W (SPEC §2). Subclasses
-state only their policy; the shared machinery lives here so μP and SP cannot drift apart.
+readout multiplier, and the per-tensor learned-optimizer update scale s_W (docs/math.md §2).
+Subclasses state only their policy; the shared machinery lives here so μP and SP cannot drift apart.
 """
 
 from __future__ import annotations

@@ -240,10 +240,10 @@ def transformer_lm(
     Heads: give `num_heads` or `head_dim` (or both, with product `width`); by default 4 heads
     when 4 divides `width` (else 2, else 1), so d_head grows with width. Attention logits are
     scaled by ``attn_mult * parametrization.attention_scale(d_head)`` (μP: 1/d_head, SP:
-    1/sqrt(d_head)). Roles (SPEC §2): both embeddings input-like, q/k/v/out and the MLP matrices
-    hidden (so ``mlp_out`` gets s_W = 1/(mlp_ratio * width)), LayerNorms and biases vector-like,
-    ``readout`` output. `zero_query` (default: True under μP, False under SP) zero-initialises the
-    query projection. Biases start at zero (`bias_std`).
+    1/sqrt(d_head)). Roles (docs/math.md §2): both embeddings input-like, q/k/v/out and the MLP
+    matrices hidden (so ``mlp_out`` gets s_W = 1/(mlp_ratio * width)), LayerNorms and biases
+    vector-like, ``readout`` output. `zero_query` (default: True under μP, False under SP)
+    zero-initialises the query projection. Biases start at zero (`bias_std`).
     """
     check_positive(
         vocab_size=vocab_size, width=width, depth=depth, context=context, mlp_ratio=mlp_ratio

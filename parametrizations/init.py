@@ -1,4 +1,4 @@
-"""In-place init rewrite from a role table (SPEC §2).
+"""In-place init rewrite from a role table (docs/math.md §2).
 
 Absolute fan-in (base width 1) everywhere, so the result does not depend on a base model and must
 not be rescaled again: call ``mup.set_base_shapes(..., rescale_params=False)`` on models built here,

@@ -1,4 +1,4 @@
-"""Which μP role each parameter plays: input, hidden, output or vector-like (SPEC §2).
+"""Which μP role each parameter plays: input, hidden, output or vector-like (docs/math.md §2).
 
 Roles are a property of the model, not of the parametrization: μP and SP read the same table and
 differ only in what they do with it. A role comes from, in order of precedence:

@@ -57,3 +57,14 @@ def write_learnable_fashion(directory, n_train=512, n_test=256, seed=0):
         write_idx(directory / f"{split}-images-idx3-ubyte.gz", images)
         write_idx(directory / f"{split}-labels-idx1-ubyte.gz", labels)
     return directory
+
+
+def run_concurrently(commands, workers: int = 4, **kwargs):
+    """``subprocess.run`` of independent commands, several at once (a CLI error case is mostly
+    interpreter start-up, so running them side by side cuts the suite's wall time)."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    kwargs = {"capture_output": True, "text": True, "timeout": 300, **kwargs}
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda cmd: subprocess.run(cmd, **kwargs), commands))

@@ -8,17 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_concurrently
 
 ROOT = Path(__file__).resolve().parents[1]
 APPS = ("evaluate", "width_transfer", "transfer_study", "meta_train", "coord_check")
 
 
-def run_app(app: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", f"experiments.{app}", f"out_dir={tmp_path}", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
+def command(app: str, *args: str, out: Path) -> list[str]:
+    return [sys.executable, "-m", f"experiments.{app}", f"out_dir={out}", *args]
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -38,14 +35,27 @@ TYPO = {  # app -> (a typo of one of its keys, the key it should suggest)
 }
 
 
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    """Every case of this file, run once and side by side: {case id: (result, its out_dir)}."""
+    cases = {f"typo-{app}": (app, [TYPO[app][0]]) for app in APPS}
+    cases |= {case_id(c): c[:2] for c in CASES}
+    outs = {key: tmp_path_factory.mktemp("out") for key in cases}
+    commands = [command(app, *args, out=outs[key]) for key, (app, args) in cases.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = run_concurrently(commands, cwd=ROOT, env=env)
+    return {key: (result, outs[key]) for key, result in zip(cases, done, strict=True)}
+
+
 @pytest.mark.parametrize("app", APPS)
-def test_unknown_key_names_the_closest_valid_one(app, tmp_path):
+def test_unknown_key_names_the_closest_valid_one(app, results):
     typo, suggestion = TYPO[app]
-    line = one_line_error(run_app(app, typo, tmp_path=tmp_path))
+    result, out = results[f"typo-{app}"]
+    line = one_line_error(result)
     assert f"unknown key {typo.split('=')[0]!r}" in line
     assert f"did you mean {suggestion}?" in line
     assert "+" + typo not in line  # Hydra's advice, the wrong fix for a typo
-    assert list(tmp_path.iterdir()) == []  # nothing ran
+    assert list(out.iterdir()) == []  # nothing ran
 
 
 CASES = [  # (app, overrides, words the line must contain)
@@ -66,12 +76,17 @@ CASES = [  # (app, overrides, words the line must contain)
 ]
 
 
-@pytest.mark.parametrize(("app", "overrides", "words"), CASES, ids=lambda c: str(c))
-def test_bad_override_is_one_line_and_exit_2(app, overrides, words, tmp_path):
-    line = one_line_error(run_app(app, *overrides, tmp_path=tmp_path))
-    for word in words:
+def case_id(case) -> str:
+    return f"{case[0]}:{' '.join(case[1])}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_bad_override_is_one_line_and_exit_2(case, results):
+    result, out = results[case_id(case)]
+    line = one_line_error(result)
+    for word in case[2]:
         assert word in line, line
-    assert list(tmp_path.iterdir()) == []
+    assert list(out.iterdir()) == []
 
 
 def test_memory_estimate_counts_the_real_network():

@@ -25,6 +25,7 @@ def data_dir(tmp_path_factory):
     return write_learnable_fashion(tmp_path_factory.mktemp("fashion"))
 
 
+@pytest.mark.slow
 def test_coord_check_writes_records_table_and_plot(data_dir, tmp_path):
     done = coord(tmp_path, "widths=[8,32]", "steps=2", "batch_size=16",
                  f"task.data_root={data_dir}")  # fmt: skip

@@ -47,6 +47,7 @@ def records(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_evaluate_logs_every_step_and_the_evaluations(data_dir, tmp_path):
     out = cli(
         "evaluate", *tiny(data_dir, tmp_path, "steps=5", "eval_interval=2", "optimizer=adamw")
@@ -62,6 +63,7 @@ def test_evaluate_logs_every_step_and_the_evaluations(data_dir, tmp_path):
     assert "final train loss" in out.stdout
 
 
+@pytest.mark.slow
 def test_multirun_sweeps_optimizers_and_widths(data_dir, tmp_path):
     args = tiny(data_dir, tmp_path, "steps=2", "eval_interval=0")
     args = [a for a in args if not a.startswith("task.width")]
@@ -106,6 +108,7 @@ def item_key(item):
     return item.key or ".".join(item.nested_key)
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_logged_metrics_and_config(data_dir, tmp_path):
     out = cli("evaluate", *tiny(data_dir, tmp_path, "steps=4", "eval_interval=2", "logger=wandb"))
     assert out.returncode == 0, out.stderr
@@ -150,6 +153,7 @@ def test_slurm_launcher_config_composes():
         ("task.depth=0", "depth"),
         ("steps=0", "steps"),
         ("task.data_root=/nonexistent/mulo-data", "/nonexistent/mulo-data"),
+        ("optimizer.meta_weights=/nonexistent.pt", "shipped name: mulo_m, splo_m"),
         ("out_dir=/proc/mulo-out", "not writable"),
     ],
 )
@@ -167,6 +171,7 @@ def test_bad_input_is_one_line_and_nonzero(data_dir, tmp_path, override, message
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_width_transfer_writes_table_plot_and_runs(data_dir, tmp_path):
     out = cli(
         "width_transfer",
@@ -229,3 +234,30 @@ def test_plot_goes_log_y_when_means_span_decades_even_if_an_error_bar_crosses_ze
     (ax,) = figures[0].axes
     assert ax.get_yscale() == "log" and ax.get_xscale() == "log"
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_quick_main_job_writes_the_main_jobs_outputs(data_dir, tmp_path):
+    """`width_transfer quick=true`: the README's quick form of the main job, on the real data
+    when the system package is installed (as in CI), else on the tiny learnable set."""
+    from mulo.data import SYSTEM_DIRS
+
+    real = SYSTEM_DIRS["fashion_mnist"].is_dir()
+    data = [] if real else [f"task.data_root={data_dir}"]
+    out = cli("width_transfer", "quick=true", "progress=false", f"out_dir={tmp_path}", *data)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (run,) = (tmp_path / "width_transfer").iterdir()
+    assert {"results.md", "width_transfer.png", "runs.jsonl"} <= {p.name for p in run.iterdir()}
+    runs = records(run / "runs.jsonl")
+    assert len(runs) == 12 and {r["width"] for r in runs} == {32, 128}
+    assert {r["entry"] for r in runs} == {"mulo", "splo", "muadam", "adamw"}
+    table = (run / "results.md").read_text()
+    assert "60 steps" in table and "| 128 |" in table
+    # a key given on the command line wins over quick's value
+    out = cli("width_transfer", "quick=true", "progress=false", "widths=[16]",
+              "optimizers.muadam.lrs=[0.1]", f"out_dir={tmp_path / 'b'}", *data)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    (run,) = (tmp_path / "b" / "width_transfer").iterdir()
+    runs = records(run / "runs.jsonl")
+    assert {r["width"] for r in runs} == {16}
+    assert sorted({r["lr"] for r in runs if r["entry"] == "muadam"}) == [0.1]

@@ -1,8 +1,9 @@
-"""Independent plain reference for the small_fc_lopt math (SPEC §1) vs ``mulo.functional``.
+"""Independent plain reference for the small_fc_lopt math (docs/math.md §1) vs
+``mulo.functional``.
 
-The reference below follows SPEC §1 literally, in float64, one particle at a time, with explicit
-per-decay loops and whole-tensor torch ops (no chunking, no fusing).  It deliberately shares no
-code with ``mulo``; only the public API of ``mulo.functional`` is called.
+The reference below follows docs/math.md §1 literally, in float64, one particle at a time, with
+explicit per-decay loops and whole-tensor torch ops (no chunking, no fusing).  It deliberately
+shares no code with ``mulo``; only the public API of ``mulo.functional`` is called.
 
 Interpretation choices (decided by the lead, see the test brief):
   * time features read the step counter t *before* this step increments it;
@@ -47,7 +48,7 @@ GRAD_SCALES = (1.0, 0.05, 20.0)
 
 
 # --------------------------------------------------------------------------------------------
-# Plain float64 reference (SPEC §1)
+# Plain float64 reference (docs/math.md §1)
 # --------------------------------------------------------------------------------------------
 
 

@@ -73,6 +73,7 @@ def test_pair_blocks_cover_every_pair_once():
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one(tmp_path):
     out = tmp_path / "result.pt"
     env = {

@@ -52,6 +52,7 @@ def records(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_runs_resumes_with_the_same_command_and_exports_weights(data_dir, tmp_path):
     args = [f"meta.data_root={data_dir}", f"out_dir={tmp_path}", *TINY]
     first = meta_train("experiment=mulo_s", "meta.outer_steps=2", *args)
@@ -81,6 +82,7 @@ def test_runs_resumes_with_the_same_command_and_exports_weights(data_dir, tmp_pa
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_runs_under_torchrun_with_two_processes(data_dir, tmp_path):
     torchrun = shutil.which("torchrun")
     if torchrun is None:
@@ -125,6 +127,7 @@ def test_corrupt_checkpoint_is_an_error_not_a_silent_restart(data_dir, tmp_path)
     assert (run / "checkpoint.pt").read_bytes() == b"not a checkpoint"
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_logs_each_step_once(data_dir, tmp_path):
     """Records written after the last checkpoint (then a kill) are redone on resume: the file
     keeps the redone ones only, so readers (meta_curves, W&B replays) see each step once."""
@@ -143,6 +146,7 @@ def test_resume_after_a_crash_logs_each_step_once(data_dir, tmp_path):
     assert [r["at_step"] for r in recs if "resumed_from" in r] == [2]
 
 
+@pytest.mark.slow
 def test_orphaned_prev_checkpoint_is_never_overwritten(data_dir, tmp_path):
     """checkpoint.pt gone, checkpoint.pt.prev present: restarting from step 1 would later
     overwrite .prev, the only good copy. One line naming both ways out, exit 2."""
@@ -162,6 +166,7 @@ def test_orphaned_prev_checkpoint_is_never_overwritten(data_dir, tmp_path):
     assert prev.read_bytes() == kept and not (run / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_leaves_it_untouched(data_dir, tmp_path):
     args = [f"meta.data_root={data_dir}", f"out_dir={tmp_path}", *TINY]
     first = meta_train("experiment=mulo_s", "meta.outer_steps=2", *args)

@@ -165,6 +165,7 @@ def _driver(tmp_path, name):
     return [*cmd, str(tmp_path / f"{name}.theta")]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_reaches_the_same_meta_parameters(tmp_path):
     straight = subprocess.run(
         _driver(tmp_path, "a"), capture_output=True, text=True, timeout=120, env=ONE_THREAD

@@ -267,6 +267,7 @@ def test_missing_file_and_unknown_name(tmp_path):
         with pytest.raises(mulo.MetaWeightsError) as e:
             mulo.load_meta_weights(arg)
         assert Path(arg).name in one_line(e)
+        assert all(name in str(e.value) for name in (*mulo.available(), "meta-init"))
     with pytest.raises(mulo.MetaWeightsError) as e:
         mulo.MuLO(mlp(), meta_weights="no_such_shipped_weights")
     assert "no_such_shipped_weights" in one_line(e)

@@ -1,4 +1,4 @@
-"""MuLO / SPLO as drop-in ``torch.optim.Optimizer`` subclasses (SPEC §1.5, §2).
+"""MuLO / SPLO as drop-in ``torch.optim.Optimizer`` subclasses (docs/math.md §1.5, §2).
 
 Every optimizer here gets explicit meta-weights (seeded meta-initialisation with seed 1, whose
 network output is not zero, so steps really move parameters); the default-weights path and its

@@ -1,4 +1,4 @@
-"""Roles, init, multipliers and s_W of the μP / SP layer (SPEC §2)."""
+"""Roles, init, multipliers and s_W of the μP / SP layer (docs/math.md §2)."""
 
 import copy
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -19,6 +21,7 @@ def test_ci_runs_the_readme_test_command():
     assert test_command in ci_lines
 
 
+@pytest.mark.slow
 def test_readme_example_runs_as_written(tmp_path):
     example = blocks("python")[0]
     script = tmp_path / "example.py"

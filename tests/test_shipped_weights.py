@@ -71,6 +71,7 @@ def _fashion_task(tmp_path, **kw):
         return tasks.build_task("mlp", dataset="fashion_mnist", data_root=root, **kw)
 
 
+@pytest.mark.slow
 def test_shipped_mulo_trains_a_fresh_width_1024_mlp_within_100_steps(tmp_path, monkeypatch):
     monkeypatch.setenv("MULO_DOWNLOAD", "0")
     task = _fashion_task(tmp_path, width=1024, depth=3, parametrization="mup", seed=1)

@@ -44,6 +44,7 @@ def cells(out):
     return [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_study_runs_then_skips_finished_cells_and_extends(data_dir, tmp_path):
     first = study(tmp_path, data_dir)
     assert first.returncode == 0, first.stderr

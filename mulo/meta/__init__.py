@@ -1,5 +1,5 @@
 """Meta-training of the learned optimizer: PES / ES estimators, the outer loop, checkpoints,
-and torch.distributed scaling (SPEC §3).
+and torch.distributed scaling (docs/math.md §3).
 
     from mulo.meta import MetaConfig, MetaTrainer, run_meta_training
     trainer = MetaTrainer(MetaConfig(kind="mu", widths=[32], outer_steps=500))

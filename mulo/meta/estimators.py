@@ -1,4 +1,4 @@
-"""Meta-gradient estimators (SPEC §3): truncated PES and antithetic ES, population-batched.
+"""Meta-gradient estimators (docs/math.md §3): truncated PES and antithetic ES, population-batched.
 
 Vocabulary. θ is the flat vector of the LO's meta-parameters (the 2,409 floats of
 ``functional.init_meta_params`` in ``META_SHAPES`` order; :func:`flatten_meta` /
@@ -24,7 +24,7 @@ Truncated PES (Vicol et al. 2021), as implemented by :meth:`InnerProblem.pes_row
   one batch with no masking;
 * each truncation draws a fresh ε for every pair and adds it to the pair's accumulator
   *before* use: ``ξ_i ← ξ_i + ε_i``, so ξ_i holds the ε of this truncation and of all
-  earlier truncations of the current run (SPEC writes ξ_i + ε_i with ξ_i holding only the
+  earlier truncations of the current run (docs/math.md writes ξ_i + ε_i with ξ_i holding only the
   earlier ones: the same quantity);
 * the truncation loss of a particle is the mean of its K pre-update minibatch losses,
   clipped to [0, loss_cap] (1.5·ln(classes)), NaN/Inf → loss_cap (:func:`clip_meta_loss`);

@@ -1,5 +1,5 @@
 """Population-batched inner tasks for any ``nn.Module``: the CNN and transformer LM (and the MLP)
-as meta-training task slots (SPEC §3).
+as meta-training task slots (docs/math.md §3).
 
 :class:`ModulePopulation` holds P independently initialised copies of a module as stacked
 ``{name: [P, *shape]}`` tensors (names from ``module.named_parameters()``) and computes all P

@@ -1,4 +1,4 @@
-"""The outer loop: AdamW on the LO's meta-parameters from PES/ES estimates (SPEC §3).
+"""The outer loop: AdamW on the LO's meta-parameters from PES/ES estimates (docs/math.md §3).
 
     cfg = MetaConfig(kind="mu", widths=[32], outer_steps=500)
     trainer = MetaTrainer(cfg)
