@@ -280,12 +280,20 @@ def _at_least_1d(x: Tensor) -> Tensor:
     return x.unsqueeze(1) if x.dim() == 1 else x
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the LO's state and math use for parameters of ``dtype``: float64 stays
+    float64, everything else (float32, bfloat16, float16) is float32. In bf16 ``1 - beta``
+    rounds to 0 for the slow decays, so the accumulators would never move."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def init_state(param: Tensor, horizon: float | Tensor | None = None) -> LOState:
-    """Zero accumulators for a population-stacked parameter [P, *S]; ``horizon`` (v2): the
-    run's total steps T (a number, or [P] per particle; 0 or None: unknown)."""
+    """Zero accumulators for a population-stacked parameter [P, *S], in
+    ``compute_dtype(param.dtype)``; ``horizon`` (v2): the run's total steps T (a number, or
+    [P] per particle; 0 or None: unknown)."""
     p = _at_least_1d(param)
     pop, shape = p.shape[0], tuple(p.shape[1:])
-    z = dict(dtype=p.dtype, device=p.device)
+    z = dict(dtype=compute_dtype(p.dtype), device=p.device)
     # the step counter stays float32 whatever the param dtype: bf16 stops counting at 256
     t = torch.zeros(pop, dtype=torch.float32, device=p.device)
     state = LOState(mv=torch.zeros(pop, 4, *shape, **z), t=t)
@@ -612,6 +620,8 @@ def lo_step_(
     step_mult: float,
     lr: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    weight_decay: float = 0.0,
+    rounding_seed: int = 0,
 ) -> None:
     """One small_fc_lopt step (v1 or v2, from ``meta``'s keys) for a population-stacked
     tensor, in place. ``scale`` is the per-tensor s_W (1/fan_in for μP hidden weights, else 1).
@@ -619,11 +629,29 @@ def lo_step_(
     v1: ``p <- p - lr * scale * step_mult * d * exp(0.001 a)`` with (d, a) the network's outputs.
     v2: ``p <- p - lr * scale * exp(log_lr[group]) * schedule(t, T) * u / rms(d)`` with
     ``u = d * exp(min(0.1 a, 3))`` (``step_mult`` is not used: v2 learns its step sizes).
+    ``weight_decay`` is decoupled: ``p <- p * (1 - lr * weight_decay)`` before the learned step.
+
+    bfloat16 / float16 parameters are stepped in float32 (state, features, network, update)
+    and the result is rounded back stochastically (seeded by ``rounding_seed``): a step below
+    half a bf16 ulp, typical of μP hidden weights, would otherwise round away every time.
     """
-    arch = architecture(meta)
+    work = compute_dtype(param.dtype)
     if param.numel() == 0:  # nothing to update; the counter still counts the step
         state.t += 1
         return
+    wide = param if work == param.dtype else param.to(work)
+    if weight_decay != 0:
+        wide.mul_(1 - lr * weight_decay)
+    _step_(meta, state, wide, grad.to(work), scale, step_mult, lr, chunk_size)
+    if wide is param:
+        return
+    stochastic_round_(param, wide, torch.Generator(param.device).manual_seed(rounding_seed))
+
+
+def _step_(meta, state: LOState, param, grad, scale, step_mult, lr, chunk_size) -> None:
+    if next(iter(meta.values())).dtype != param.dtype:
+        meta = {k: v.to(param.dtype) for k, v in meta.items()}
+    arch = architecture(meta)
     p, g = _at_least_1d(param), _at_least_1d(_sanitize(grad))
     plan = _Plan(meta, state, p, g, chunk_size)
     alpha = _step_sizes(arch, meta, state, plan, scale, step_mult, lr)
@@ -633,3 +661,16 @@ def lo_step_(
     else:
         _torch_step_(arch, meta, plan, state, p, g, alpha)
     state.t += 1
+
+
+def stochastic_round_(dst: Tensor, src: Tensor, generator: torch.Generator | None = None):
+    """``dst <- src`` rounded to ``dst``'s dtype up or down at random, with the probability
+    that makes the rounding unbiased (E[dst] = src), so small steps accumulate on average."""
+    nearest = src.to(dst.dtype)
+    residual = src - nearest.to(src.dtype)
+    toward = torch.where(residual > 0, math.inf, -math.inf).to(dst.dtype)
+    neighbour = torch.nextafter(nearest, toward)
+    gap = neighbour.to(src.dtype) - nearest.to(src.dtype)
+    prob = torch.where(gap != 0, residual / gap, 0.0)
+    draw = torch.rand(src.shape, generator=generator, device=src.device, dtype=src.dtype)
+    dst.copy_(torch.where(draw < prob, neighbour, nearest))

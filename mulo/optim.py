@@ -92,10 +92,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 scale = self._parametrization.tensor_scale(p)
             self.state[p]["scale"] = float(scale)
 
+    _PICKLED = ("meta", "provenance", "total_steps", "chunk_size", "_module_scales",
+                "_parametrization")  # fmt: skip
+
     def __getstate__(self) -> dict:
-        # torch.optim pickles only defaults/state/param_groups; an LO also needs its
-        # meta-weights and settings. The device/dtype cache is rebuilt on the first step.
-        return {k: v for k, v in self.__dict__.items() if k != "_meta_cache"}
+        # torch.optim pickles only defaults/state/param_groups (not the hooks, nor the step
+        # wrapper an LR scheduler installs); an LO also needs its meta-weights and settings.
+        # The device/dtype cache is rebuilt on the first step.
+        return {**super().__getstate__(), **{k: self.__dict__[k] for k in self._PICKLED}}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -107,18 +111,27 @@ class LearnedOptimizer(torch.optim.Optimizer):
         the current model, never from the file (a state saved at another width or under
         another parametrization carries the wrong one)."""
         scales = {p: self.state[p]["scale"] for g in self.param_groups for p in g["params"]}
+        saved = state_dict.get("state", {})
         super().load_state_dict(state_dict)
         for i, (p, scale) in enumerate(scales.items()):
             state = self.state[p]
             state["scale"] = scale
+            # torch.optim casts state to the param's dtype (a bf16 model's float32 LO state
+            # would come back rounded) and shares tensors that need no cast with the source
+            # (two optimizers would then step one counter): copy them as they were saved
+            for key in (*_STATE_KEYS, "step"):
+                value = saved.get(i, {}).get(key)
+                if torch.is_tensor(value):
+                    dtype = torch.float32 if key == "step" else LF.compute_dtype(p.dtype)
+                    state[key] = value.to(device=p.device, dtype=dtype, copy=True)
             if "mv" in state:
                 _check_loaded_state(state, p, i)
 
     def _meta_for(self, p: Tensor) -> dict[str, Tensor]:
-        key = (p.device, p.dtype)
+        key = (p.device, LF.compute_dtype(p.dtype))
         if key not in self._meta_cache:
             self._meta_cache[key] = {
-                k: v.to(device=p.device, dtype=p.dtype).unsqueeze(0) for k, v in self.meta.items()
+                k: v.to(device=key[0], dtype=key[1]).unsqueeze(0) for k, v in self.meta.items()
             }
         return self._meta_cache[key]
 
@@ -128,31 +141,32 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None or p.numel() == 0:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                state = self.state[p]
-                if "mv" not in state:
-                    lo_state = LF.init_state(p.unsqueeze(0), self._horizon()).to_dict()
-                    # torch.optim keeps "step" in its own dtype on load_state_dict (others are
-                    # cast to the param's): the counter must not round in bf16.
-                    state.update(lo_state, step=lo_state.pop("t"))
-                if wd != 0:
-                    p.mul_(1 - lr * wd)
-                LF.lo_step_(
-                    self._meta_for(p),
-                    LF.LOState.from_dict({**state, "t": state["step"]}),
-                    p.unsqueeze(0),
-                    p.grad.unsqueeze(0),
-                    scale=state["scale"],
-                    step_mult=self.step_mult,
-                    lr=lr,
-                    chunk_size=self.chunk_size,
-                )
+        tensors = [(group, p) for group in self.param_groups for p in group["params"]]
+        for index, (group, p) in enumerate(tensors):
+            if p.grad is None or p.numel() == 0:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            state = self.state[p]
+            if "mv" not in state:
+                lo_state = LF.init_state(p.unsqueeze(0), self._horizon()).to_dict()
+                # torch.optim keeps "step" in its own dtype on load_state_dict (others are
+                # cast to the param's): the counter must not round in bf16.
+                state.update(lo_state, step=lo_state.pop("t"))
+            LF.lo_step_(
+                self._meta_for(p),
+                LF.LOState.from_dict({**state, "t": state["step"]}),
+                p.unsqueeze(0),
+                p.grad.unsqueeze(0),
+                scale=state["scale"],
+                step_mult=self.step_mult,
+                lr=group["lr"],
+                chunk_size=self.chunk_size,
+                weight_decay=group["weight_decay"],
+                # bf16/fp16 round stochastically, seeded by (step, tensor): a resumed run
+                # rounds exactly as the original would have
+                rounding_seed=_rounding_seed(p, state["step"], index),
+            )
         return loss
 
     def _horizon(self) -> float | None:
@@ -184,6 +198,14 @@ def _resolve_meta(meta_weights: MetaWeights, parametrization: str):
             "name": "in-memory"
         }
     return load_meta_weights(meta_weights)
+
+
+_STATE_KEYS = ("mv", "row", "col", "diag", "horizon")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _rounding_seed(p: Tensor, step: Tensor, index: int) -> int:
+    return int(step.item()) * 1_000_003 + index if p.dtype in _LOW_PRECISION else 0
 
 
 def _check_loaded_state(state: dict, p: Tensor, index: int) -> None:

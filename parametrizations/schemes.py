@@ -28,7 +28,8 @@ class MuP(Parametrization):
     zero_output = True
 
     def role_scale(self, role: Role | None, param: torch.Tensor) -> float:
-        return 1.0 / fan_in(param) if role is Role.HIDDEN else 1.0
+        # an empty matrix (fan_in 0) is never stepped: any scale will do
+        return 1.0 / fan_in(param) if role is Role.HIDDEN and fan_in(param) > 0 else 1.0
 
     def tensor_scale(self, param: torch.Tensor) -> float:
         infshape = getattr(param, "infshape", None)
@@ -40,7 +41,7 @@ class MuP(Parametrization):
                 "unknown; pass the module instead (e.g. MuLO(model)) or call "
                 "mup.set_base_shapes(model, base) before passing model.parameters()"
             )
-        return 1.0 / fan_in(param) if infshape.ninf() >= 2 else 1.0
+        return 1.0 / fan_in(param) if infshape.ninf() >= 2 and fan_in(param) > 0 else 1.0
 
     def output_multiplier(self, width: int, output_mult: float = 1.0) -> float:
         _check_width(width)
