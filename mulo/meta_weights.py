@@ -151,14 +151,17 @@ def check_meta_params(meta, where: str, architecture: str | None = None) -> None
         if not torch.isfinite(t).all():
             raise MetaWeightsError(f"{where}: {name} holds non-finite values")
     # 1 - beta = (1 - beta0) exp(10 theta) must be a usable EMA weight: at 0 (beta rounds to 1
-    # in float32) an accumulator never moves; above 1 (beta < 0) it oscillates and diverges
-    one_minus_beta = 1 - LF.decays(meta["theta"].double())
-    bad = ~((one_minus_beta >= 1e-7) & (one_minus_beta <= 1))
+    # in float32) an accumulator never moves; infinite, theta is garbage (above 1 the LO clamps
+    # beta to 0: no memory, still an optimizer)
+    one_minus_beta = (1 - torch.tensor(LF.DECAY_INIT, dtype=torch.float64)) * torch.exp(
+        10 * meta["theta"].double()
+    )
+    bad = ~(torch.isfinite(one_minus_beta) & (one_minus_beta >= 1e-7))
     if bool(bad.any()):
         worst = one_minus_beta[bad][0].item()
         raise MetaWeightsError(
-            f"{where}: theta gives a decay with 1 - beta = {worst:.3g}, outside [1e-7, 1] "
-            "(an accumulator that never moves or diverges)"
+            f"{where}: theta gives a decay with 1 - beta = {worst:.3g}, outside [1e-7, inf) "
+            "(an accumulator that never moves, or garbage)"
         )
 
 

@@ -271,3 +271,23 @@ def test_build_optimizer_passes_total_steps_to_the_learned_optimizers():
     opt = baselines.build_optimizer("mulo", _model(), meta_weights=V2_META, total_steps=50)
     assert opt.total_steps == 50
     assert baselines.build_optimizer("splo", _model(), total_steps=7).total_steps == 7
+
+
+def test_decays_are_clamped_at_zero_so_accumulators_stay_bounded():
+    """μLO v2's first meta-training run drove 1 - beta of one decay to 38.9 (beta = -37.9):
+    the EMA then overshoots and grows geometrically. beta is clamped to [0, 1]."""
+    theta = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.6, 0.0])
+    beta = LF.decays(theta)
+    assert beta[5].item() == 0.0 and torch.equal(beta[:5], LF.decays(torch.zeros(7))[:5])
+    assert torch.equal(LF.decays(torch.full((7,), 100.0)), torch.zeros(7))  # exp overflow
+    meta = LF.init_meta_params(generator=torch.Generator().manual_seed(0))
+    meta["theta"] = theta
+    meta = {k: v.unsqueeze(0) for k, v in meta.items()}
+    p = torch.randn(1, 24, 20)
+    state = LF.init_state(p)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        grad = torch.randn(1, 24, 20, generator=g)
+        LF.lo_step_(meta, state, p, grad, scale=1.0, step_mult=0.01)
+    for acc in (state.mv, state.row, state.col):
+        assert torch.isfinite(acc).all() and acc.abs().max() < 100
