@@ -8,13 +8,23 @@ and never re-run ``torch.nn.init`` afterwards (both silently undo μP).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .readout import Readout
-from .roles import EMBEDDINGS, KNOWN_LAYERS, NORMS, Role, fan_in, is_readout, owners
+from .roles import (
+    EMBEDDINGS,
+    KNOWN_LAYERS,
+    NORMS,
+    Role,
+    fan_in,
+    is_readout,
+    owners,
+    tied_readouts,
+)
 
 
 def _weight_std(module: nn.Module, param: torch.Tensor) -> float:
@@ -46,11 +56,23 @@ def init_by_role_(
       unknown module types (e.g. a position embedding) keep the module's own init: their fan-in
       is not knowable from the shape.
 
+    - a matrix tied to a plain ``nn.Linear`` readout keeps the model's own init, with a
+      warning: as an embedding (std 1) without the readout's 1/width multiplier its logits
+      would grow like sqrt(width) (a nanoGPT model's initial loss went from 4.2 to 58).
+
     `readout_multiplier(width, output_mult) -> float` resets each `Readout`'s cached multiplier.
     """
+    unscaled = tied_readouts(model)
     for name, (module, attr) in owners(model).items():
         param, role = getattr(module, attr), roles.get(name)  # None: unclassified, left as is
-        if isinstance(module, NORMS):
+        if name in unscaled:
+            warnings.warn(
+                f"'{name}' is tied to the readout '{unscaled[name]}', a plain nn.Linear with no "
+                "μP output multiplier: left at the model's own init; make the readout a "
+                "P.Readout (or mup.MuSharedReadout) for μP's 1/width logits",
+                stacklevel=3,
+            )
+        elif isinstance(module, NORMS):
             param.fill_(1.0 if attr == "weight" else 0.0)
         elif role is Role.VECTOR:
             if _is_bias(attr):

@@ -10,6 +10,12 @@ differ only in what they do with it. A role comes from, in order of precedence:
    ``nn.Linear`` is the readout, other weights of known layer types are hidden.
 
 A ≥2-D parameter that none of these settles is an error naming it, never a guess.
+
+Tied (shared) parameters are listed once, under their first name; every other name (e.g.
+``lm_head.weight`` tied to ``wte.weight``) is an alias that ``roles=`` accepts. One rule for a
+matrix shared by an embedding and the readout, μP's rule for tied embeddings (as mup's
+``MuSharedReadout``): it is input-like (embedding init, s_W = 1), and the readout's forward
+must apply the output multiplier; :func:`tied_readouts` tells which readouts do not.
 """
 
 from __future__ import annotations
@@ -102,11 +108,46 @@ def owners(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     return out
 
 
+def aliases(model: nn.Module) -> dict[str, str]:
+    """Every other name of a shared (tied) parameter -> its name in ``model.named_parameters()``."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            out[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return out
+
+
+def tied_readouts(model: nn.Module) -> dict[str, str]:
+    """{parameter name: readout alias} for matrices shared with the output layer when that
+    layer is a plain ``nn.Linear``: it applies no μP output multiplier (a ``Readout`` does)."""
+    _, outputs = _graph_facts(model)
+    out = {}
+    for alias, name in aliases(model).items():
+        module = model.get_submodule(alias.rpartition(".")[0])
+        if id(module) in outputs and not is_readout(module):
+            out[name] = alias
+    return out
+
+
 def check_overrides(model: nn.Module, overrides: Mapping[str, Role | str] | None) -> dict:
-    """Validate override names against the model's parameters and normalise values to `Role`."""
+    """Validate override names against the model's parameters (aliases of tied parameters
+    count as their parameter) and normalise values to `Role`."""
     if not overrides:
         return {}
     names = {n for n, _ in model.named_parameters()}
+    tied = aliases(model)
+    canonical: dict[str, Role | str] = {}
+    for key, value in overrides.items():
+        name = tied.get(key, key)
+        if name in canonical and as_role(canonical[name], name) != as_role(value, key):
+            raise ParametrizationError(
+                f"'{key}' is tied to '{name}' (one tensor): give it one role, not two"
+            )
+        canonical[name] = value
+    overrides = canonical
     unknown = [k for k in overrides if k not in names]
     if unknown:
         shown = ", ".join(sorted(names)[:8]) + (", ..." if len(names) > 8 else "")
@@ -183,6 +224,12 @@ def infer_roles(
                 roles[name] = Role.HIDDEN
         else:
             unknown.append(name)
+    for alias, name in aliases(model).items():  # the tied-readout rule (module docstring)
+        module = model.get_submodule(alias.rpartition(".")[0])
+        shared_with_readout = id(module) in outputs or is_readout(module)
+        if shared_with_readout and name not in overrides and roles.get(name) is not Role.INPUT:
+            roles[name] = Role.OUTPUT
+            unknown = [n for n in unknown if n != name]
     if unknown and strict:
         what = ", ".join(
             f"'{n}' (shape {tuple(getattr(owned[n][0], owned[n][1]).shape)}"
