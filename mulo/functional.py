@@ -168,7 +168,7 @@ def num_meta_params(architecture: str = "small_fc_lopt") -> int:
 def decays(theta: Tensor) -> Tensor:
     """beta = max(0, 1 - (1 - beta0) * exp(10 theta)), elementwise over the last dim of
     ``theta``. Below 0 an EMA overshoots and grows without bound: μLO v2's meta-training
-    drove one decay to beta = -38 by outer step ~400 and collapsed (docs/math.md §1.2)."""
+    drove one decay to beta = -38 by outer step 660 and collapsed (docs/math.md §1.2)."""
     beta0 = torch.tensor(DECAY_INIT, dtype=theta.dtype, device=theta.device)
     return (1 - (1 - beta0) * torch.exp(10 * theta)).clamp(min=0)
 
