@@ -18,7 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from experiments._cli import blame, check_argv, one_line_errors, run_dir
+from experiments._cli import CONFIG_DIR, blame, check_argv, one_line_errors, run_dir
 from mulo import baselines, tasks
 from mulo.loggers import JsonlLogger, Loggers, WandbLogger
 from mulo.train import train
@@ -57,7 +57,7 @@ def run_single(
         opt_kw["total_steps"] = steps
     optimizer = baselines.build_optimizer(
         optimizer_cfg["name"], task.model, parametrization=parametrization, batch_size=batch_size,
-        **opt_kw,
+        seed=seed, **opt_kw,
     )  # fmt: skip
     schedule = dict(optimizer_cfg.get("schedule") or {"name": "constant"})
     scheduler = baselines.build_schedule(optimizer, schedule.pop("name"), steps=steps, **schedule)
@@ -111,12 +111,23 @@ def _wandb(logger_cfg: dict | None, identity: dict, config: dict | None, out: Pa
     )
 
 
+def natural_parametrization(optimizer: dict) -> str:
+    """The model's parametrization under ``parametrization=auto``: the optimizer config's own.
+    graft's is null: its magnitude optimizer's (from configs/optimizer/<magnitude>.yaml), as
+    the magnitude sets the step size, so ``optimizer.magnitude=mulo`` alone gives a μP model."""
+    choice = optimizer.get("parametrization", "mup")
+    if choice is None and optimizer.get("name") == "graft":
+        path = CONFIG_DIR / "optimizer" / f"{optimizer.get('magnitude')}.yaml"
+        choice = OmegaConf.load(path).get("parametrization") if path.is_file() else None
+    return choice or "mup"
+
+
 @one_line_errors
 def run(cfg: DictConfig) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
     parametrization = config["parametrization"]["name"]
     if parametrization == "auto":
-        parametrization = config["optimizer"].get("parametrization", "mup")
+        parametrization = natural_parametrization(config["optimizer"])
         config["parametrization"]["name"] = parametrization
     summary = run_single(
         config["task"],

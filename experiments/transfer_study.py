@@ -65,7 +65,18 @@ def _digest_of(name: str, parametrization: str) -> str:
 
 def meta_weights_digest(optimizer: dict) -> str | None:
     """For a learned-optimizer entry, a hash of the meta-weights it loads: a cell run with
-    other weights (e.g. before new ones shipped) is not reused."""
+    other weights (e.g. before new ones shipped) is not reused. A graft entry hashes those of
+    its learned parts (the top-level meta_weights are the magnitude's)."""
+    if optimizer["name"] == "graft":
+        parts = {
+            "magnitude": {"name": optimizer.get("magnitude", "adamw"),
+                          "meta_weights": optimizer.get("meta_weights"),
+                          **(optimizer.get("magnitude_kwargs") or {})},
+            "direction": {"name": optimizer.get("direction", "mulo"),
+                          **(optimizer.get("direction_kwargs") or {})},
+        }  # fmt: skip
+        digests = {role: meta_weights_digest(part) for role, part in parts.items()}
+        return ",".join(f"{r}={d}" for r, d in digests.items() if d is not None) or None
     cls = {"mulo": MuLO, "splo": SPLO}.get(optimizer["name"])
     if cls is None:
         return None

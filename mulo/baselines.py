@@ -14,7 +14,14 @@ adamw      ``torch.optim.AdamW``, one lr for every tensor                       
 muadam     ``torch.optim.AdamW`` with per-tensor lr ``lr * s_W`` (μAdam)         1e-3
 muon       ``torch.optim.Muon`` on hidden matrices + ``AdamW`` on the rest       0.02
 prodigy    ``prodigyopt.Prodigy`` (lr multiplies its estimated step size)        1.0
+agd        :class:`AGD`, automatic gradient descent (re-initialises the model)   1.0
+naggs      :class:`NAGGS`, NAG-GS (lr is the discretisation step α)              0.1
+graft      :class:`Graft`: ``magnitude``'s step size, ``direction``'s direction  M's (1e-3)
 =========  ====================================================================  ==========
+
+AGD multiplies its automatic step by ``lr`` (1.0: the paper's, nothing to tune). NAG-GS's
+``lr`` is the paper's α, which enters its update non-linearly (not a step multiplier). graft's
+``lr`` and schedule are those of its magnitude optimizer M (default adamw, hence 1e-3).
 
 For mulo/splo ``lr`` is the multiplier on the meta-trained step, so 1.0 is the step the
 optimizer was meta-trained with, and a schedule or a batch-size rule scales that multiplier.
@@ -32,12 +39,16 @@ Under SP (``parametrization="sp"``) every s_W is 1, so μAdam is AdamW.
 
 Libraries used: torch (SGD, AdamW, Muon, LambdaLR), ``prodigyopt``, and ``parametrizations``
 (roles and s_W). Written by hand here, because no maintained library provides them:
-:class:`CombinedOptimizer` (stepping Muon and AdamW as one ``Optimizer``) and the small
-piecewise lr-factor function behind the schedules.
+:class:`CombinedOptimizer` (stepping Muon and AdamW as one ``Optimizer``), the small
+piecewise lr-factor function behind the schedules, and three optimizers from papers whose
+authors' code is not a maintained package that takes our models: :class:`AGD` (the authors'
+version rejects biases and takes no roles), :class:`NAGGS` (installable only from its
+repository, and its PyTorch class never advances γ; see the class) and :class:`Graft`.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 import warnings
@@ -52,7 +63,9 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 import parametrizations as P
 from mulo.optim import SPLO, MuLO
 
-OPTIMIZER_NAMES = ("mulo", "splo", "sgd", "adamw", "muadam", "muon", "prodigy")
+OPTIMIZER_NAMES = (
+    "mulo", "splo", "sgd", "adamw", "muadam", "muon", "prodigy", "agd", "naggs", "graft",
+)  # fmt: skip
 SCHEDULE_NAMES = ("constant", "cosine", "wsd")
 LR_SCALING_RULES = ("none", "linear", "sqrt")
 
@@ -65,6 +78,11 @@ DEFAULT_LR = {
     "muadam": 1e-3,
     "muon": 0.02,
     "prodigy": 1.0,
+    "agd": 1.0,  # a multiplier on AGD's automatic step; 1.0 is the paper's (no tuning)
+    "naggs": 0.1,
+    # graft's lr is its magnitude optimizer's, so its default is the magnitude's default; this
+    # entry is that of the default magnitude (adamw)
+    "graft": 1e-3,
 }
 #: momentum used when ``build_optimizer(..., momentum=None)``; the optimizers not listed
 #: have no momentum hyperparameter of that name (Adam-type ones use ``betas``).
@@ -304,6 +322,448 @@ def _build_muon(
     return CombinedOptimizer(parts)
 
 
+# -- AGD ----------------------------------------------------------------------------------------
+
+
+def _compute_dtype(p: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision tensors (norms and ratios must not round), else their own."""
+    return torch.promote_types(p.dtype, torch.float32)
+
+
+def _agd_dims(p: torch.Tensor, embedding: bool) -> tuple[int, int]:
+    """(d_out, d_in) of a layer: a weight maps ``prod(shape[1:])`` inputs (a conv's fan-in) to
+    ``shape[0]`` outputs; an embedding table ``(num_embeddings, dim)`` maps the other way."""
+    rows, cols = p.shape[0], math.prod(p.shape[1:])
+    return (cols, rows) if embedding else (rows, cols)
+
+
+def _agd_scale(p: torch.Tensor, embedding: bool) -> float:
+    d_out, d_in = _agd_dims(p, embedding)
+    return math.sqrt(d_out / d_in)
+
+
+def agd_layers(
+    model: nn.Module, roles: Mapping[str, str] | None = None
+) -> tuple[list[tuple[str, nn.Parameter, bool]], list[str]]:
+    """The layers AGD trains, ``[(name, weight, is_embedding)]`` in ``named_parameters`` order,
+    and the names of the trainable vectors it leaves alone.
+
+    A layer is a trainable parameter whose role (``parametrizations.infer_roles``, with the
+    ``roles`` overrides) is input, hidden or output; its ``(d_out, d_in)`` is ``(shape[0],
+    prod(shape[1:]))`` (an embedding table's the reverse). Vectors (biases, norm gains) are not
+    layers: AGD's derivation is for a bias-free network of matrices. One-line ``ValueError`` for
+    a parameter whose role cannot be inferred and for a model without a weight matrix.
+    """
+    from parametrizations.roles import EMBEDDINGS
+
+    role_of = P.infer_roles(model, roles)
+    layers, vectors = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        role = role_of[name]
+        if role is P.Role.VECTOR:
+            vectors.append(name)
+            continue
+        if p.dim() < 2:
+            raise ValueError(
+                f"agd: '{name}' has role {role} but shape {tuple(p.shape)}; AGD's layers are "
+                "weight matrices (give it the role 'vector')"
+            )
+        module_name, _, attr = name.rpartition(".")
+        embedding = isinstance(model.get_submodule(module_name), EMBEDDINGS) and attr == "weight"
+        layers.append((name, p, embedding))
+    if not layers:
+        raise ValueError(
+            f"agd: {type(model).__name__} has no trainable weight matrix (a parameter of role "
+            "input, hidden or output) for AGD to train"
+        )
+    return layers, vectors
+
+
+@torch.no_grad()
+def agd_init_(
+    model: nn.Module,
+    roles: Mapping[str, str] | None = None,
+    generator: torch.Generator | None = None,
+) -> nn.Module:
+    """AGD's initialisation, in place: every layer of :func:`agd_layers` becomes a random
+    semi-orthogonal matrix (``torch.nn.init.orthogonal_`` of the ``d_out x d_in`` matrix, a conv
+    kernel flattened to ``shape[0] x fan_in``) times ``sqrt(d_out / d_in)``, so every layer has
+    all singular values ``sqrt(d_out / d_in)``, the assumption AGD's step size is derived under
+    (Bernstein et al. 2023, §3). Vectors are left as they are. Drawn on the CPU from
+    ``generator`` (None: torch's global RNG), so a seed gives the same init on every device.
+    Returns ``model``.
+    """
+    for _, p, embedding in agd_layers(model, roles)[0]:
+        w = torch.empty(p.shape[0], math.prod(p.shape[1:]), dtype=_compute_dtype(p))
+        torch.nn.init.orthogonal_(w, generator=generator)
+        p.copy_(w.mul_(_agd_scale(p, embedding)).view(p.shape))
+    return model
+
+
+class AGD(torch.optim.Optimizer):
+    """Automatic gradient descent (Bernstein, Mingard, Huang, Azizan & Yue 2023, "Automatic
+    Gradient Descent: Deep Learning without Hyperparameters", arXiv 2304.05187, Algorithm 1).
+
+    For the L layers W_k (``d_k x d_{k-1}``) of the optimizer, with ``s_k = sqrt(d_k /
+    d_{k-1})``, each step computes the gradient summary and the automatic step size
+
+        G = (1/L) Σ_k s_k ‖∇W_k‖_F,        η = log((1 + sqrt(1 + 4G)) / 2),
+
+    and updates every layer by ``W_k <- W_k - lr * (η/L) * s_k * ∇W_k / ‖∇W_k‖_F``. ``lr``
+    multiplies η: 1.0 is the paper's step, and there is nothing to tune. The step assumes the
+    paper's init (:func:`agd_init_`), which ``build_optimizer("agd", model)`` applies.
+
+    Args:
+        params: an ``nn.Module`` (the layers are :func:`agd_layers`: weights of role input,
+            hidden or output, in ``named_parameters`` order; its trainable vectors go to a
+            group with ``"vector": True``) or an iterable of tensors / param groups (every
+            tensor at least 2-D, except in a ``"vector": True`` group; a group with
+            ``"embedding": True`` holds embedding tables, whose ``d_in`` is ``shape[0]``).
+        lr: the multiplier on η (>= 0).
+        roles: per-name role overrides when ``params`` is a module.
+
+    Choices where the paper is silent:
+
+    - vectors (biases, LayerNorm gains) are left untouched, with a warning naming them: AGD is
+      derived for bias-free networks (the authors' code raises on a bias). They sit in a
+      ``"vector": True`` group, so ``zero_grad`` clears their gradients, but never move and do
+      not count in L. Under SP the tasks' biases start at 0, so an SP model trains exactly as
+      the bias-free network of the paper; pass a bias-free model to have no vectors at all;
+    - a conv kernel is one layer with ``d_{k-1} = fan_in = prod(shape[1:])`` and its whole
+      Frobenius norm (the authors' code normalises each kernel position separately);
+    - L counts every tensor of the layer groups, whether or not it has a gradient this step; a
+      tensor without a gradient, or with a zero one, adds 0 to G and does not move.
+
+    The optimizer keeps no state (AGD has no momentum), so its ``state_dict`` is the groups.
+    """
+
+    def __init__(
+        self,
+        params: nn.Module | Iterable,
+        lr: float = 1.0,
+        roles: Mapping[str, str] | None = None,
+    ):
+        if not (isinstance(lr, int | float) and math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"agd lr must be a finite number >= 0, got {lr!r}")
+        if isinstance(params, nn.Module):
+            layers, vectors = agd_layers(params, roles)
+            if vectors:
+                warnings.warn(
+                    f"agd leaves {len(vectors)} vector parameter(s) untouched (biases, norm "
+                    f"gains: the paper's AGD has none), e.g. '{vectors[0]}'",
+                    stacklevel=2,
+                )
+            groups = [
+                {"params": [p for _, p, e in layers if e == embedding], "embedding": embedding}
+                for embedding in (False, True)
+            ]
+            named = dict(params.named_parameters())
+            groups.append({"params": [named[n] for n in vectors], "vector": True})
+            params = [g for g in groups if g["params"]]
+        elif roles is not None:
+            raise ValueError("agd: roles= needs the model: pass the nn.Module, not its parameters")
+        super().__init__(params, dict(lr=lr, embedding=False, vector=False))
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch.optim's, refusing a tensor that is not a weight matrix outside a ``"vector":
+        True`` group (one-line ValueError)."""
+        super().add_param_group(param_group)
+        if self.param_groups[-1]["vector"]:
+            return
+        for i, p in enumerate(self.param_groups[-1]["params"]):
+            if p.dim() < 2:
+                self.param_groups.pop()
+                raise ValueError(
+                    f"agd trains weight matrices only; tensor {i} of the new param group has "
+                    f"shape {tuple(p.shape)} (leave vectors out of AGD's groups)"
+                )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        layer_groups = [g for g in self.param_groups if not g["vector"]]
+        depth = sum(len(g["params"]) for g in layer_groups)
+        live = []
+        for group in layer_groups:
+            for p in group["params"]:
+                if p.grad is None or p.numel() == 0:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AGD does not support sparse gradients")
+                norm = torch.linalg.vector_norm(p.grad, dtype=_compute_dtype(p))
+                live.append((group, p, _agd_scale(p, group["embedding"]), norm))
+        if not live:
+            return loss
+        device = live[0][3].device
+        summary = sum(scale * norm.to(device) for _, _, scale, norm in live) / depth
+        eta = torch.log((1 + torch.sqrt(1 + 4 * summary)) / 2)
+        for group, p, scale, norm in live:
+            factor = -group["lr"] * scale / depth * eta.to(norm.device) / norm
+            factor = torch.where(norm > 0, factor, torch.zeros_like(factor))
+            p.add_((p.grad.to(factor.dtype) * factor).to(p.dtype))
+        return loss
+
+
+# -- NAG-GS -------------------------------------------------------------------------------------
+
+
+class NAGGS(torch.optim.Optimizer):
+    """NAG-GS (Leplat, Merkulov, Katrutsa, Bershatsky, Tsymboi & Oseledets, "NAG-GS:
+    Semi-Implicit, Accelerated and Robust Stochastic Optimizer", arXiv 2209.14937, Algorithm 1).
+
+    The accelerated (NAG) flow of the paper's §2,
+
+        x' = v - x,        γ v' = μ (x - v) - ∇f(x),        γ' = μ - γ,
+
+    discretised with step α by the Gauss–Seidel splitting (the lower-triangular part implicit),
+    one gradient per iteration, taken at the new x:
+
+        x_{k+1} = (x_k + α v_k) / (1 + α)
+        γ_{k+1} = (γ_k + α μ) / (1 + α)
+        v_{k+1} = (γ_{k+1} v_k + α μ x_{k+1} - α ∇f(x_{k+1})) / (γ_{k+1} + α μ)
+
+    with ``v_0 = x_0``. ``lr`` is α, ``mu`` μ (> 0) and ``gamma`` γ_0 (> 0; γ_k -> μ, and with
+    γ_0 = μ, the default, γ stays constant). The parameter holds x, the state v and γ.
+
+    A training loop has the gradient at the current parameters only, so one ``step()`` is the
+    end of iteration k and the start of k+1: with the gradient at ``x_{k+1}`` it updates γ and
+    v, then moves the parameter to ``x_{k+2}``. As ``v_0 = x_0`` makes ``x_1 = x_0``, the first
+    step's gradient is the algorithm's first; none is wasted. Under a schedule, ``x_{k+2}``
+    takes the α of step k.
+
+    ``weight_decay`` is coupled (``∇f + wd * x``): NAG-GS run on the L2-regularised loss.
+
+    Equations read from the paper and the authors' code (github.com/skolai/nag-gs: the Optax
+    ``scale_by_nag_gs`` and the notebook's Algorithm 1); nothing is copied. Their PyTorch
+    ``NAGGS`` computes the new γ but never stores it, so it runs with γ fixed at γ_0 (their
+    NAG4); this class advances γ as the algorithm does.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 0.1,
+        mu: float = 1.0,
+        gamma: float = 1.0,
+        weight_decay: float = 0.0,
+    ):
+        for name, value, strict in (("lr", lr, False), ("mu", mu, True), ("gamma", gamma, True),
+                                    ("weight_decay", weight_decay, False)):  # fmt: skip
+            _number(f"naggs {name}", value, strict=strict)
+        super().__init__(params, dict(lr=lr, mu=mu, gamma=gamma, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            alpha, mu, wd = group["lr"], group["mu"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("NAGGS does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["v"] = p.detach().clone(memory_format=torch.preserve_format)
+                    state["gamma"] = float(group["gamma"])
+                grad = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
+                gamma = (state["gamma"] + alpha * mu) / (1 + alpha)
+                norm = gamma + alpha * mu
+                v = state["v"].mul_(gamma / norm)
+                v.add_(p, alpha=alpha * mu / norm).add_(grad, alpha=-alpha / norm)
+                p.add_(v, alpha=alpha).div_(1 + alpha)
+                state["gamma"] = gamma
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim's load, but v is copied: torch shares a saved tensor that needs no cast,
+        and two optimizers loaded from one dict would then step one v."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            if torch.is_tensor(state.get("v")):
+                state["v"] = state["v"].clone()
+
+
+# -- learning-rate grafting ---------------------------------------------------------------------
+
+
+class Graft(torch.optim.Optimizer):
+    """Learning-rate grafting M#D (Agarwal, Anil, Hazan, Koren & Zhang 2020, "Disentangling
+    Adaptive Gradient Methods from Learning Rates", arXiv 2002.11803, Algorithm 1).
+
+    Two optimizers over the same parameters, each keeping its own state, propose an update
+    from the same gradient: Δ_M from ``magnitude``, Δ_D from ``direction``. Per tensor the step
+    taken is ``‖Δ_M‖_F * Δ_D / ‖Δ_D‖_F``: D's direction at M's step size (so a schedule or
+    tuning of M's lr carries over to D). A tensor with ``‖Δ_D‖ = 0`` (D proposes nothing, e.g.
+    AGD on a bias) does not move; with M and D the same optimizer the step is exactly M's.
+
+    How: each step snapshots the parameters and gradients, steps M, reads Δ_M = p - p_before
+    and its norms, restores parameters and gradients, steps D, reads Δ_D, and writes the
+    grafted step. The two inner optimizers therefore run unmodified (any ``torch.optim``
+    optimizer, the learned ones included) and each one's state advances exactly as if it were
+    stepped alone at the grafted iterates. The cost is two optimizer steps and two copies of the
+    parameters and one of the gradients during a step.
+
+    ``param_groups`` are the magnitude's (the same dicts), so ``lr`` and a schedule drive M's
+    step size; D's lr only scales Δ_D, which is normalised away (for the optimizers whose update
+    is linear in lr; NAG-GS's α is not, so as a direction it keeps its own lr). ``state`` is a
+    read-only view ``{p: {"magnitude": ..., "direction": ...}}``; ``state_dict`` holds both
+    inner states. ``add_param_group`` adds the group to M and its tensors to D (D's defaults).
+    """
+
+    def __init__(self, magnitude: torch.optim.Optimizer, direction: torch.optim.Optimizer):
+        for role, opt in (("magnitude", magnitude), ("direction", direction)):
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise ValueError(
+                    f"Graft's {role} must be a torch.optim.Optimizer, got {type(opt).__name__}"
+                )
+        if magnitude is direction:
+            raise ValueError(
+                "Graft needs two optimizer instances (each keeps its own state); for M = D "
+                "build the optimizer twice"
+            )
+        self.magnitude, self.direction = magnitude, direction
+        self._building = True
+        super().__init__(list(magnitude.param_groups), defaults={})
+        self._building = False
+
+    @property
+    def param_groups(self) -> list[dict]:  # type: ignore[override]
+        return self.magnitude.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value) -> None:
+        # Optimizer.__init__ assigns an empty list; the groups live in the magnitude optimizer.
+        pass
+
+    @property
+    def state(self) -> dict:  # type: ignore[override]
+        inner = (("magnitude", self.magnitude), ("direction", self.direction))
+        out = {}
+        for p in self._params():
+            s = {role: opt.state[p] for role, opt in inner if p in opt.state}
+            if s:
+                out[p] = s
+        return out
+
+    @state.setter
+    def state(self, value) -> None:
+        pass
+
+    def _params(self) -> list[torch.Tensor]:
+        """Every tensor of either optimizer, once, the magnitude's first."""
+        seen: dict[int, torch.Tensor] = {}
+        for opt in (self.magnitude, self.direction):
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def add_param_group(self, param_group: dict) -> None:
+        if self._building:  # Optimizer.__init__ registering the magnitude's own groups
+            return
+        self.magnitude.add_param_group(param_group)
+        self.direction.add_param_group({"params": list(self.param_groups[-1]["params"])})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = self._params()
+        before = [p.detach().clone() for p in params]
+        grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+
+        self.magnitude.step()
+        m_norms = []
+        for p, b, g in zip(params, before, grads, strict=True):
+            m_norms.append(torch.linalg.vector_norm(p.to(_compute_dtype(p)) - b))
+            p.copy_(b)
+            if g is not None:  # the direction must see the gradient the magnitude saw
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)
+
+        self.direction.step()
+        for p, b, m_norm in zip(params, before, m_norms, strict=True):
+            d = p.to(m_norm.dtype) - b
+            d_norm = torch.linalg.vector_norm(d)
+            factor = torch.where(d_norm > 0, m_norm / d_norm, torch.zeros_like(d_norm))
+            grafted = (b.to(d.dtype) + d * factor).to(p.dtype)
+            # a factor of exactly 1 keeps D's result as it is (M = D steps exactly as M)
+            p.copy_(torch.where(factor == 1, p, grafted))
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.magnitude.zero_grad(set_to_none=set_to_none)
+        self.direction.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"magnitude": self.magnitude.state_dict(), "direction": self.direction.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not (isinstance(state_dict, Mapping) and {"magnitude", "direction"} <= set(state_dict)):
+            raise ValueError(
+                "state_dict is not from a Graft optimizer (no 'magnitude' and 'direction' states)"
+            )
+        self.magnitude.load_state_dict(state_dict["magnitude"])
+        self.direction.load_state_dict(state_dict["direction"])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "defaults": self.defaults,
+            "magnitude": self.magnitude,
+            "direction": self.direction,
+            "_building": False,
+        }
+
+    def __repr__(self) -> str:
+        inner = (("magnitude", self.magnitude), ("direction", self.direction))
+        parts = [f"  {role}: " + repr(opt).replace("\n", "\n  ") for role, opt in inner]
+        return f"{type(self).__name__}(\n" + "\n".join(parts) + "\n)"
+
+
+#: build_optimizer arguments that describe the run rather than one optimizer: graft gives them
+#: to both of its optimizers (every other argument configures the magnitude only).
+_GRAFT_SHARED = ("parametrization", "roles", "batch_size", "total_steps", "seed")
+_GRAFT_OWN = ("magnitude", "direction", "magnitude_kwargs", "direction_kwargs")
+
+
+def _build_graft(model: nn.Module, args: dict[str, Any]) -> Graft:
+    """Graft of two :func:`build_optimizer` optimizers; ``args`` are build_optimizer's."""
+    allowed = [n for n in OPTIMIZER_NAMES if n != "graft"]
+    names = {
+        role: _one_of(f"graft {role}", args[role], allowed) for role in ("magnitude", "direction")
+    }
+    accepted = set(inspect.signature(build_optimizer).parameters) - {"name", "model", *_GRAFT_OWN}
+    shared = {k: args[k] for k in _GRAFT_SHARED}
+    own = {k: v for k, v in args.items() if k in accepted and k not in _GRAFT_SHARED}
+    built = {}
+    for role in ("magnitude", "direction"):
+        extra = args[f"{role}_kwargs"] or {}
+        if not isinstance(extra, Mapping):
+            raise ValueError(f"graft {role}_kwargs must be a mapping, got {type(extra).__name__}")
+        unknown = sorted(set(extra) - accepted)
+        if unknown:
+            raise ValueError(
+                f"graft {role}_kwargs: unknown argument(s) {', '.join(map(repr, unknown))}; "
+                f"choose from: {', '.join(sorted(accepted))}"
+            )
+        kwargs = {**shared, **(own if role == "magnitude" else {}), **extra}
+        built[role] = build_optimizer(names[role], model, **kwargs)
+    return Graft(built["magnitude"], built["direction"])
+
+
 def build_optimizer(
     name: str,
     model: nn.Module,
@@ -320,6 +780,13 @@ def build_optimizer(
     base_width: float = 1,
     roles: Mapping[str, str] | None = None,
     total_steps: int | None = None,
+    seed: int | None = None,
+    mu: float = 1.0,
+    gamma: float = 1.0,
+    magnitude: str = "adamw",
+    direction: str = "mulo",
+    magnitude_kwargs: Mapping[str, Any] | None = None,
+    direction_kwargs: Mapping[str, Any] | None = None,
 ) -> torch.optim.Optimizer:
     """One of :data:`OPTIMIZER_NAMES` over ``model``'s trainable parameters.
 
@@ -330,7 +797,8 @@ def build_optimizer(
             :data:`DEFAULT_LR` for ``name``. For muon it is Muon's lr; its AdamW part runs at
             ``lr * MUON_ADAMW_LR_RATIO``. For muadam see the module docstring.
         weight_decay: decoupled (``p *= 1 - lr * wd``) for every optimizer except sgd, whose
-            ``torch.optim.SGD`` adds ``wd * p`` to the gradient.
+            ``torch.optim.SGD`` adds ``wd * p`` to the gradient, and naggs, which does the
+            same; agd refuses one (> 0).
         momentum: sgd's Nesterov momentum and Muon's momentum; None is
             :data:`DEFAULT_MOMENTUM` (0.9 for sgd, 0.95 for muon). Ignored by the others.
         betas: Adam betas for adamw, muadam, prodigy and muon's AdamW part.
@@ -346,11 +814,26 @@ def build_optimizer(
             inferred; used by mulo, splo, muadam and muon.
         total_steps: mulo/splo only: the run length for LOs that read training progress
             (small_fc_lopt_v2); None: not told. Ignored by the others.
+        seed: agd only: seeds its re-initialisation (None: torch's global RNG).
+        mu, gamma: naggs only: NAG-GS's μ and γ_0 (both > 0; see :class:`NAGGS`).
+        magnitude, direction: graft only: the two optimizers (any name here but graft; default
+            AdamW's step size in μLO's direction). ``lr``, ``weight_decay``, ``momentum``,
+            ``betas``, ``meta_weights``, ``lr_scaling``, ``base_batch_size``, ``base_width``,
+            ``mu`` and ``gamma`` configure the magnitude; ``parametrization``, ``roles``,
+            ``batch_size``, ``total_steps`` and ``seed`` go to both; the direction otherwise
+            runs at its defaults (its lr is normalised away).
+        magnitude_kwargs, direction_kwargs: graft only: more build_optimizer arguments for one
+            of the two (over those above), e.g. ``direction_kwargs={"meta_weights": "..."}``.
+
+    Building ``"agd"`` re-initialises ``model`` (:func:`agd_init_`, seeded by ``seed``), as the
+    paper requires; so does a graft with an agd part. AGD takes no weight decay.
     """
     name = _one_of("optimizer", name, OPTIMIZER_NAMES)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     _trainable(model)
+    if name == "graft":  # locals(): the arguments as given; each part validates its own
+        return _build_graft(model, locals())
     base_lr = DEFAULT_LR[name] if lr is None else _positive("lr", lr)
     lr = scaled_lr(base_lr, batch_size, base_batch_size, lr_scaling)
     weight_decay = _non_negative("weight_decay", weight_decay)
@@ -367,6 +850,9 @@ def build_optimizer(
     if not (0 <= b1 < 1 and 0 <= b2 < 1):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
     betas = (b1, b2)
+    mu, gamma = _positive("mu", mu), _positive("gamma", gamma)
+    if seed is not None:
+        seed = _integer("seed", seed, 0)
 
     if name in ("mulo", "splo"):
         cls = MuLO if name == "mulo" else SPLO
@@ -386,7 +872,15 @@ def build_optimizer(
         return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
     if name == "muon":
         return _build_muon(model, lr, weight_decay, momentum, betas, parametrization, roles)
-    return Prodigy(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    if name == "prodigy":
+        return Prodigy(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    if name == "naggs":
+        return NAGGS(params, lr=lr, mu=mu, gamma=gamma, weight_decay=weight_decay)
+    if weight_decay:
+        raise ValueError("agd has no weight decay (the paper's update has none); use 0")
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    agd_init_(model, roles, generator)
+    return AGD(model, lr=lr, roles=roles)
 
 
 class LRFactor:
