@@ -95,17 +95,22 @@ def check_overrides(
     for o in parsed:
         if o.key_or_group not in GROUPS and not o.is_delete():
             for value in _values(o):
-                _check_value(o.key_or_group, value, OmegaConf.select(base, o.key_or_group))
+                _check_value(o.key_or_group, value, _select(base, o.key_or_group))
     for key in _keys(config):
         if key.split(".")[-1] == "device" and key in {o.key_or_group for o in parsed}:
-            _check_device(key, OmegaConf.select(config, key))
+            _check_device(key, _select(config, key))
     if memory is not None:
         try:
             needs = memory(OmegaConf.to_container(config, resolve=False))
         except (ValueError, TypeError, KeyError):
             needs = []  # a value the estimate cannot use: the app's own checks report it
         for key, need in needs:
-            _check_memory(key, OmegaConf.select(config, key), need)
+            _check_memory(key, _select(config, key), need)
+
+
+def _select(cfg: DictConfig, key: str):
+    # a default such as ${hydra:runtime.choices.experiment} resolves only inside Hydra's app
+    return OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
 
 
 def _first(o) -> str:
