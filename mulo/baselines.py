@@ -61,7 +61,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 import parametrizations as P
-from mulo.optim import SPLO, MuLO
+from mulo.optim import SPLO, MuLO, closure_loss
 
 OPTIMIZER_NAMES = (
     "mulo", "splo", "sgd", "adamw", "muadam", "muon", "prodigy", "agd", "naggs", "graft",
@@ -212,10 +212,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for opt in self.optimizers:
             opt.step()
         return loss
@@ -482,10 +479,7 @@ class AGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         layer_groups = [g for g in self.param_groups if not g["vector"]]
         depth = sum(len(g["params"]) for g in layer_groups)
         live = []
@@ -559,10 +553,7 @@ class NAGGS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             alpha, mu, wd = group["lr"], group["mu"], group["weight_decay"]
             for p in group["params"]:
@@ -675,10 +666,7 @@ class Graft(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         params = self._params()
         before = [p.detach().clone() for p in params]
         grads = [None if p.grad is None else p.grad.detach().clone() for p in params]

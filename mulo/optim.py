@@ -21,6 +21,15 @@ from parametrizations.roles import as_role
 MetaWeights = str | Path | dict[str, Tensor] | None
 
 
+def closure_loss(closure) -> Tensor | None:
+    """torch.optim's closure contract: re-evaluate the loss with grad enabled (a ``step`` runs
+    under ``no_grad``), or None without a closure."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class LearnedOptimizer(torch.optim.Optimizer):
     """small_fc_lopt behind the ``torch.optim`` contract.
 
@@ -137,10 +146,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         tensors = [(group, p) for group in self.param_groups for p in group["params"]]
         for index, (group, p) in enumerate(tensors):
             if p.grad is None or p.numel() == 0:

@@ -68,3 +68,36 @@ def run_concurrently(commands, workers: int = 4, **kwargs):
     kwargs = {"capture_output": True, "text": True, "timeout": 300, **kwargs}
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(lambda cmd: subprocess.run(cmd, **kwargs), commands))
+
+
+def run_ranks(script: str, args, env: dict, world_size: int = 2, timeout: float = 240, cwd=None):
+    """Run ``python -c script *args`` once per rank (RANK / LOCAL_RANK set) and wait; a rank
+    that fails leaves the others waiting in a collective, so they are stopped at once.
+    Returns [(returncode, stderr)] per rank."""
+    import subprocess
+    import sys
+    import time
+
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, *map(str, args)],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in range(world_size)
+    ]
+    try:
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        outputs = [p.communicate() for p in procs]
+    return [(p.returncode, err) for p, (_, err) in zip(procs, outputs, strict=True)]

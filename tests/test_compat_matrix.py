@@ -15,9 +15,7 @@ import os
 import pickle
 import shutil
 import socket
-import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from helpers import run_ranks
 from torch import nn
 
 import mulo
@@ -675,30 +674,8 @@ def test_ddp_two_gloo_ranks_stay_bitwise_equal(tmp_path):
         "MASTER_PORT": str(_free_port()),
         "OMP_NUM_THREADS": "1",
     }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", DDP_DRIVER, str(out)],
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    try:  # a rank that fails leaves the other waiting in a collective: stop it at once
-        deadline = time.monotonic() + 240
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            if any(p.poll() not in (None, 0) for p in procs):
-                break
-            time.sleep(0.05)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        outputs = [p.communicate() for p in procs]
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    for code, err in run_ranks(DDP_DRIVER, [out], env, cwd=REPO):
+        assert code == 0, err[-3000:]
     r0, r1 = (torch.load(f"{out}.{r}.pt", weights_only=True) for r in range(2))
     assert r0["losses"] != r1["losses"]  # the ranks really saw different data
     for n, p in r0["params"].items():

@@ -3,14 +3,12 @@ the meta-parameters after outer steps and the checkpointed state equal the singl
 run with the same seed."""
 
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import run_ranks
 
 from mulo.meta import MetaConfig, MetaTrainer, MLPTask, load_checkpoint, pair_range
 
@@ -82,29 +80,8 @@ def test_two_gloo_processes_equal_one(tmp_path):
         "TEST_INIT_METHOD": f"file://{tmp_path / 'rendezvous'}",
         "OMP_NUM_THREADS": "1",  # two processes on a small machine; same math in both
     }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", DRIVER, str(out)],
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    try:  # a rank that fails leaves the other waiting in a collective: stop it at once
-        deadline = time.monotonic() + 240
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            if any(p.poll() not in (None, 0) for p in procs):
-                break
-            time.sleep(0.05)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        outputs = [p.communicate() for p in procs]
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    for code, err in run_ranks(DRIVER, [out], env):
+        assert code == 0, err[-3000:]
     result = torch.load(out, weights_only=True)
     single, multi = result["single"], result["multi"]
     assert single["restarts"] > 0 and multi["restarts"] == single["restarts"]
