@@ -62,7 +62,22 @@ def check_argv(
     for path in out_dirs.values() or [default_out_dir]:
         _check_writable(Path(path))
     if config_name is not None:
-        check_overrides(argv, config_name, memory)
+        check_overrides(argv, named_config(argv, config_name), memory)
+
+
+def named_config(argv: list[str], default: str) -> str:
+    """The primary config Hydra will load: ``--config-name X`` / ``--config-name=X`` / ``-cn X``
+    on the command line (e.g. ``transfer_study --config-name graft_study``), else ``default``."""
+    name = default
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config-name="):
+            name = arg.split("=", 1)[1]
+        elif arg in ("--config-name", "-cn") and i + 1 < len(argv):
+            name = argv[i + 1]
+    if not (CONFIG_DIR / f"{name}.yaml").is_file():
+        found = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        fail(f"unknown config {name!r}; choose one of: {', '.join(found)}")
+    return name
 
 
 def check_overrides(

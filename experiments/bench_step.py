@@ -1,11 +1,14 @@
 """Benchmark: one MuLO step vs one torch.optim.AdamW step on the same parameters.
 
-    python -m experiments.bench_step                  # 1e5, 1e6, 1e7 parameters
+    python -m experiments.bench_step                  # 1e5, 1e6, 1e7 parameters + transformer
     python -m experiments.bench_step --sizes 1e6 --reps 10 --chunk-size 32768
 
-For each size it builds a μP MLP (784 -> w -> w -> w -> 10, w chosen to reach the size), fills
-the gradients once, and times LO and AdamW steps interleaved in one run, so the ratio is taken
-under the same machine conditions. "LO GFLOP/s" is the network's nominal work (39->32->32->2,
+For each size it builds a μP MLP (784 -> w -> w -> w -> 10, w chosen to reach the size), and
+then a μP transformer LM shaped like a small char-level GPT (d_model 128, 4 layers, context
+64, 256 tokens: 0.87M parameters in 70 tensors, 38 of them 128-vectors), fills the gradients
+once, and times LO and AdamW steps interleaved in one run, so the ratio is taken under the
+same machine conditions. "LO one by one" is the same LO with ``foreach=False`` (every tensor
+its own call), timed in the same loop. "LO GFLOP/s" is the network's nominal work (39->32->32->2,
 4,672 FLOP per element) divided by the whole LO step time, features included; it is printed
 next to a same-run 2048x2048 fp32 matmul. "peak extra MiB" is the step's resident-memory peak
 above what was resident before it (params, grads and LO state excluded).
@@ -81,10 +84,11 @@ class PeakMemory:
         raise OSError(key)
 
 
-def bench_size(n_target: float, reps: int, chunk_size: int) -> dict:
-    torch.manual_seed(0)
-    width = width_for(n_target)
-    model = P.mlp(784, width, 3, 10, parametrization="mup")
+def transformer() -> torch.nn.Module:
+    return P.transformer_lm(256, 128, 4, context=64, parametrization="mup")
+
+
+def bench_model(model: torch.nn.Module, reps: int, chunk_size: int) -> dict:
     params = list(model.parameters())
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
@@ -92,23 +96,27 @@ def bench_size(n_target: float, reps: int, chunk_size: int) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the meta-init warning is irrelevant to timing
         lo = MuLO(model, chunk_size=chunk_size)
+        alone = MuLO(model, chunk_size=chunk_size, foreach=False)
     shadow = [torch.nn.Parameter(p.detach().clone()) for p in params]
     for s, p in zip(shadow, params, strict=True):
         s.grad = p.grad.clone()
     adamw = torch.optim.AdamW(shadow, lr=1e-3)
     lo.step()
+    alone.step()
     adamw.step()  # state allocated, caches warm
     with PeakMemory() as mem:
         lo.step()
-    lo_ms, adam_ms = [], []
-    for _ in range(reps):  # interleaved: both see the same machine conditions
+    lo_ms, alone_ms, adam_ms = [], [], []
+    for _ in range(reps):  # interleaved: all see the same machine conditions
         lo_ms += timed(lo.step, 1)
+        alone_ms += timed(alone.step, 1)
         adam_ms += timed(adamw.step, 3)
     lo_t, adam_t = statistics.median(lo_ms), statistics.median(adam_ms)
     return dict(
         params=n,
-        width=width,
+        tensors=len(params),
         lo_ms=lo_t,
+        alone_ms=statistics.median(alone_ms),
         adamw_ms=adam_t,
         ratio=lo_t / adam_t,
         lo_gflops=NET_FLOP_PER_ELEMENT * n / lo_t / 1e6,
@@ -122,6 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--chunk-size", type=int, default=functional.DEFAULT_CHUNK_SIZE)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--no-transformer", action="store_true", help="MLP rows only")
     args = ap.parse_args(argv)
     if args.reps < 1 or args.chunk_size < 1 or any(s < 1 for s in args.sizes):
         ap.error("--reps, --chunk-size and --sizes must be >= 1")
@@ -133,21 +142,27 @@ def main(argv=None) -> int:
         f"torch {torch.__version__} | {torch.get_num_threads()} threads | "
         f"chunk {args.chunk_size} | {time.strftime('%Y-%m-%d %H:%M')}"
     )
+    models = [(f"MLP w={width_for(size)}", lambda s=size: P.mlp(
+        784, width_for(s), 3, 10, parametrization="mup")) for size in args.sizes]  # fmt: skip
+    if not args.no_transformer:
+        models.append(("transformer d=128 L=4", transformer))
     rows = []
-    for size in args.sizes:
+    for name, build in models:
         mm_before = matmul_gflops()
-        r = bench_size(size, args.reps, args.chunk_size)
+        torch.manual_seed(0)
+        r = bench_model(build(), args.reps, args.chunk_size)
         r["matmul_gflops"] = (mm_before + matmul_gflops()) / 2
-        rows.append(r)
+        rows.append({"model": name, **r})
     print(
-        "| params | LO step ms | AdamW step ms | LO / AdamW | LO GFLOP/s | "
-        "matmul GFLOP/s | LO / matmul | peak extra MiB |"
+        "| model | params | tensors | LO step ms | LO one by one ms | AdamW step ms | LO / AdamW | "
+        "LO GFLOP/s | matmul GFLOP/s | LO / matmul | peak extra MiB |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
         print(
-            f"| {r['params']:.2e} | {r['lo_ms']:.2f} | {r['adamw_ms']:.3f} | {r['ratio']:.1f}x | "
+            f"| {r['model']} | {r['params']:.2e} | {r['tensors']} | {r['lo_ms']:.2f} | "
+            f"{r['alone_ms']:.2f} | {r['adamw_ms']:.3f} | {r['ratio']:.1f}x | "
             f"{r['lo_gflops']:.1f} | {r['matmul_gflops']:.1f} | "
             f"{r['lo_gflops'] / r['matmul_gflops']:.0%} | {peak} |"
         )

@@ -287,7 +287,7 @@ def run(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="study")
+@hydra.main(version_base="1.3", config_path="../configs", config_name="study")  # or --config-name
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

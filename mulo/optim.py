@@ -1,7 +1,8 @@
 """MuLO and SPLO: small_fc_lopt as drop-in ``torch.optim.Optimizer`` subclasses.
 
 The classes are thin shells: each step hands every parameter, as a population of one, to
-``mulo.functional.lo_step_``. The per-tensor update scale s_W comes from ``parametrizations``
+``mulo.functional.lo_step_`` (small same-shape tensors together, as one population, to
+``lo_step_many_``). The per-tensor update scale s_W comes from ``parametrizations``
 once, when the optimizer is built, and is kept as a plain float in the parameter's state.
 """
 
@@ -19,6 +20,9 @@ from mulo.meta_weights import check_meta_params, default_meta_weights, load_meta
 from parametrizations.roles import as_role
 
 MetaWeights = str | Path | dict[str, Tensor] | None
+#: tensors up to this many elements may be stepped together (``foreach``); larger ones gain
+#: nothing from it (their step is compute-bound) and would be copied into the stacked batch
+FOREACH_MAX_NUMEL = 1 << 16
 
 
 def closure_loss(closure) -> Tensor | None:
@@ -42,6 +46,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         weight_decay: decoupled, ``p <- p - lr * weight_decay * p`` before the learned step.
         roles: per-name role overrides when ``params`` is a module, e.g. ``{"pos": "input"}``.
         chunk_size: elements per chunk of the fused step (bounds the extra memory).
+        foreach: step the small tensors (at most ``FOREACH_MAX_NUMEL`` elements, float32 or
+            float64) that share shape, s_W, lr and weight decay in one call each, as a
+            population (as torch.optim's ``foreach``): the same result, less per-tensor
+            overhead on models with many small tensors (transformers). False: one by one.
         total_steps: the run's length T, for LOs that read training progress (v2: progress
             inputs and its warmup + cosine schedule over T). Without it v2 runs in its
             "horizon unknown" mode (50-step warmup, then no schedule; meta-trained on a quarter
@@ -60,6 +68,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         roles: dict[str, str] | None = None,
         chunk_size: int = LF.DEFAULT_CHUNK_SIZE,
         total_steps: int | None = None,
+        foreach: bool = True,
     ):
         if not (lr >= 0 and weight_decay >= 0):  # also rejects NaN
             raise ValueError(f"lr and weight_decay must be >= 0, got {lr} and {weight_decay}")
@@ -81,6 +90,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.meta, self.provenance = _resolve_meta(meta_weights, self.parametrization)
         self.chunk_size = chunk_size
+        self.foreach = bool(foreach)
         self._meta_cache: dict[tuple, dict[str, Tensor]] = {}
 
     def add_param_group(self, param_group: dict) -> None:
@@ -101,7 +111,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 scale = self._parametrization.tensor_scale(p)
             self.state[p]["scale"] = float(scale)
 
-    _PICKLED = ("meta", "provenance", "total_steps", "chunk_size", "_module_scales",
+    _PICKLED = ("meta", "provenance", "total_steps", "chunk_size", "foreach", "_module_scales",
                 "_parametrization")  # fmt: skip
 
     def __getstate__(self) -> dict:
@@ -112,6 +122,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("foreach", True)  # a copy pickled before foreach existed
         self._meta_cache = {}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -148,6 +159,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure_loss(closure)
         tensors = [(group, p) for group in self.param_groups for p in group["params"]]
+        together: dict[tuple, list] = {}
         for index, (group, p) in enumerate(tensors):
             if p.grad is None or p.numel() == 0:
                 continue
@@ -159,21 +171,52 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 # torch.optim keeps "step" in its own dtype on load_state_dict (others are
                 # cast to the param's): the counter must not round in bf16.
                 state.update(lo_state, step=lo_state.pop("t"))
-            LF.lo_step_(
-                self._meta_for(p),
-                LF.LOState.from_dict({**state, "t": state["step"]}),
-                p.unsqueeze(0),
-                p.grad.unsqueeze(0),
-                scale=state["scale"],
-                step_mult=self.step_mult,
-                lr=group["lr"],
-                chunk_size=self.chunk_size,
-                weight_decay=group["weight_decay"],
-                # bf16/fp16 round stochastically, seeded by (step, tensor): a resumed run
-                # rounds exactly as the original would have
-                rounding_seed=_rounding_seed(p, state["step"], index),
-            )
+            key = self._foreach_key(group, p, state)
+            together.setdefault(key or ("alone", index), []).append((index, group, p, state))
+        for batch in together.values():
+            if len(batch) == 1:
+                self._step_one(*batch[0])
+                continue
+            _, group, _, state = batch[0]
+            LF.lo_step_many_(
+                self._meta_for(batch[0][2]),
+                [self._lo_state(st) for *_, st in batch],
+                [p.unsqueeze(0) for _, _, p, _ in batch],
+                [p.grad.unsqueeze(0) for _, _, p, _ in batch],
+                scale=state["scale"], step_mult=self.step_mult, lr=group["lr"],
+                chunk_size=self.chunk_size, weight_decay=group["weight_decay"],
+            )  # fmt: skip
         return loss
+
+    def _step_one(self, index: int, group: dict, p: Tensor, state: dict) -> None:
+        LF.lo_step_(
+            self._meta_for(p),
+            self._lo_state(state),
+            p.unsqueeze(0),
+            p.grad.unsqueeze(0),
+            scale=state["scale"],
+            step_mult=self.step_mult,
+            lr=group["lr"],
+            chunk_size=self.chunk_size,
+            weight_decay=group["weight_decay"],
+            # bf16/fp16 round stochastically, seeded by (step, tensor): a resumed run
+            # rounds exactly as the original would have
+            rounding_seed=_rounding_seed(p, state["step"], index),
+        )
+
+    @staticmethod
+    def _lo_state(state: dict) -> LF.LOState:
+        # views of the optimizer's state tensors: the step updates them in place
+        return LF.LOState.from_dict({**state, "t": state["step"]})
+
+    def _foreach_key(self, group: dict, p: Tensor, state: dict) -> tuple | None:
+        """Small full-precision tensors that share everything but their values are stepped in
+        one call (``functional.lo_step_many_``); None: this tensor steps alone."""
+        small = p.numel() <= FOREACH_MAX_NUMEL and LF.compute_dtype(p.dtype) == p.dtype
+        if not (self.foreach and small):
+            return None
+        return (tuple(p.shape), p.dtype, p.device, state["scale"], float(group["lr"]),
+                float(group["weight_decay"]), "horizon" in state)  # fmt: skip
 
     def _horizon(self) -> float | None:
         if self.total_steps is None or not LF.architecture(self.meta).normalised:
