@@ -24,7 +24,7 @@ from mulo.loggers import JsonlLogger, Loggers, WandbLogger
 from mulo.train import train
 
 
-def run_single(
+def build_run(
     task_cfg: dict,
     optimizer_cfg: dict,
     *,
@@ -32,14 +32,9 @@ def run_single(
     steps: int,
     batch_size: int,
     seed: int,
-    eval_interval: int,
     device: str,
-    out: Path,
-    logger_cfg: dict | None = None,
-    config: dict | None = None,
-    progress: bool = True,
-) -> dict:
-    """Build the task and the optimizer from plain config dicts, train, log, summarise."""
+):
+    """(task, optimizer, scheduler) of one run from plain config dicts."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if batch_size < 1:
@@ -61,6 +56,29 @@ def run_single(
     )  # fmt: skip
     schedule = dict(optimizer_cfg.get("schedule") or {"name": "constant"})
     scheduler = baselines.build_schedule(optimizer, schedule.pop("name"), steps=steps, **schedule)
+    return task, optimizer, scheduler
+
+
+def run_single(
+    task_cfg: dict,
+    optimizer_cfg: dict,
+    *,
+    parametrization: str,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    eval_interval: int,
+    device: str,
+    out: Path,
+    logger_cfg: dict | None = None,
+    config: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Build the task and the optimizer from plain config dicts, train, log, summarise."""
+    task, optimizer, scheduler = build_run(
+        task_cfg, optimizer_cfg, parametrization=parametrization, steps=steps,
+        batch_size=batch_size, seed=seed, device=device,
+    )  # fmt: skip
     identity = {
         "task": task_cfg["name"],
         "optimizer": optimizer_cfg["name"],

@@ -24,12 +24,14 @@ def train(
     log: Callable[[dict], None] | None = None,
     progress: bool = True,
     desc: str = "train",
+    on_step: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> dict:
     """Run ``steps`` optimizer steps on ``task``; evaluate every ``eval_interval`` steps and at
     the end. The train loss of a step is the minibatch loss before that step's update.
 
     A non-finite loss ends the run early as diverged (a learned optimizer far outside its
     meta-training distribution can do that); the summary says so instead of raising.
+    ``on_step(steps_done, model)`` runs after every update (e.g. to record the trajectory).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -55,6 +57,8 @@ def train(
         if scheduler is not None:
             scheduler.step()
         losses.append(value)
+        if on_step is not None:
+            on_step(len(losses), model)
         log({"step": step, "train_loss": value, "lr": optimizer.param_groups[0]["lr"]})
         if eval_interval and (step + 1) % eval_interval == 0 and step + 1 < steps:
             last_eval = _evaluate(task, step + 1, log)
