@@ -160,6 +160,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         loss = closure_loss(closure)
         tensors = [(group, p) for group in self.param_groups for p in group["params"]]
         together: dict[tuple, list] = {}
+        members: dict[tuple, set[int]] = {}
         for index, (group, p) in enumerate(tensors):
             if p.grad is None or p.numel() == 0:
                 continue
@@ -172,6 +173,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 # cast to the param's): the counter must not round in bf16.
                 state.update(lo_state, step=lo_state.pop("t"))
             key = self._foreach_key(group, p, state)
+            if key is not None and id(p) in members.setdefault(key, set()):
+                key = None  # listed twice: its second step must follow the first, not share it
+            if key is not None:
+                members[key].add(id(p))
             together.setdefault(key or ("alone", index), []).append((index, group, p, state))
         for batch in together.values():
             if len(batch) == 1:

@@ -38,8 +38,9 @@ class MuP(Parametrization):
         if infshape is None:
             raise ParametrizationError(
                 f"a tensor of shape {tuple(param.shape)} has no `infshape`, so its μP role is "
-                "unknown; pass the module instead (e.g. MuLO(model)) or call "
-                "mup.set_base_shapes(model, base) before passing model.parameters()"
+                "unknown (a shape cannot tell an input matrix from a hidden one); pass the "
+                "module instead (e.g. MuLO(model)), call mup.set_base_shapes(model, base) "
+                "before passing model.parameters(), or use SPLO for a model not built under μP"
             )
         return 1.0 / fan_in(param) if infshape.ninf() >= 2 and fan_in(param) > 0 else 1.0
 
