@@ -48,8 +48,7 @@ def build_run(
     opt_kw = {
         k: v for k, v in optimizer_cfg.items() if k not in ("name", "schedule", "parametrization")
     }
-    if opt_kw.get("total_steps") == "auto":  # a learned optimizer told this run's length
-        opt_kw["total_steps"] = steps
+    opt_kw = _resolve_auto_steps(opt_kw, steps)
     optimizer = baselines.build_optimizer(
         optimizer_cfg["name"], task.model, parametrization=parametrization, batch_size=batch_size,
         seed=seed, **opt_kw,
@@ -57,6 +56,16 @@ def build_run(
     schedule = dict(optimizer_cfg.get("schedule") or {"name": "constant"})
     scheduler = baselines.build_schedule(optimizer, schedule.pop("name"), steps=steps, **schedule)
     return task, optimizer, scheduler
+
+
+def _resolve_auto_steps(kwargs: dict, steps: int) -> dict:
+    """``total_steps: auto`` (a learned optimizer told this run's length) -> ``steps``, also in a
+    graft's ``magnitude_kwargs`` / ``direction_kwargs``; the config itself is not changed."""
+    out = {k: _resolve_auto_steps(v, steps) if k.endswith("_kwargs") and isinstance(v, dict)
+           else v for k, v in kwargs.items()}  # fmt: skip
+    if out.get("total_steps") == "auto":
+        out["total_steps"] = steps
+    return out
 
 
 def run_single(

@@ -508,6 +508,21 @@ def data_dir(tmp_path_factory):
     return write_learnable_fashion(tmp_path_factory.mktemp("fashion"))
 
 
+def test_total_steps_auto_reaches_a_grafts_learned_parts(data_dir):
+    from experiments.evaluate import build_run
+
+    cfg = {"name": "graft", "magnitude": "mulo", "direction": "splo", "total_steps": "auto",
+           "direction_kwargs": {"total_steps": "auto"}}  # fmt: skip
+    before = copy.deepcopy(cfg)
+    task = {"name": "mlp", "width": 8, "depth": 2, "data_root": str(data_dir), "eval_size": 16}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, opt, _ = build_run(task, cfg, parametrization="mup", steps=7, batch_size=4, seed=0,
+                              device="cpu")  # fmt: skip
+    assert opt.magnitude.total_steps == opt.direction.total_steps == 7
+    assert cfg == before  # a study reuses its config for every cell
+
+
 def cli(*args):
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
