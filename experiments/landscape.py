@@ -17,7 +17,8 @@ Filter normalisation: each row of a weight (an output unit, or a conv filter) of
 direction is rescaled to the norm of that row of the final weights; vectors (biases, norm
 gains) get a zero direction, as in Li et al. The PCA directions are unit vectors of the
 flattened weights (their axes are in weight-space distance). Writes ``landscape.json`` (every
-grid's values), ``landscape_1d.png``, ``landscape_random_2d.png`` and ``landscape_pca_2d.png``.
+grid's values, and each tensor's distance from init to final), ``landscape_1d.png``,
+``landscape_random_2d.png`` and ``landscape_pca_2d.png``.
 """
 
 from __future__ import annotations
@@ -119,6 +120,9 @@ def train_and_probe(entry: str, spec: dict, config: dict, bar: tqdm) -> dict:
     if summary["diverged"]:
         raise ValueError(f"{entry} diverged at step {summary['steps_done']}; nothing to project")
     final = flat(task.model)
+    sizes = [(n, p.numel()) for n, p in task.model.named_parameters()]
+    moved = torch.split(final - init, [k for _, k in sizes])
+    distance = {n: d.norm().item() for (n, _), d in zip(sizes, moved, strict=True)}
     probe = LossProbe(task, config["loss_examples"], bar)
     gen = torch.Generator().manual_seed(config["direction_seed"])
     d1, d2 = filter_normalised(task.model, gen), filter_normalised(task.model, gen)
@@ -128,6 +132,8 @@ def train_and_probe(entry: str, spec: dict, config: dict, bar: tqdm) -> dict:
     xs = ys = grid(-span, span, n_plane)
     out = {
         "final_train_loss": summary["final_train_loss"],
+        # ||final - init|| per tensor: where in the model the trajectory's length goes
+        "distance": distance,
         "eval": {k: v for k, v in summary.items() if k.startswith("eval_")},
         "interpolation": {"alpha": alphas, "loss": line(probe, init, final - init, alphas)},
         "random_line": {"alpha": betas, "loss": line(probe, final, d1, betas)},

@@ -2,6 +2,7 @@
 
 ``mulo.MuLO(model)`` is μLO (roles and 1/fan_in scales inferred from the model);
 ``mulo.SPLO(model)`` is SP-LO (the same network without μP scales).
+``mulo.MuVeLO(model, total_steps=T)`` / ``mulo.VeLO(...)``: the VeLO architecture, μP / SP.
 """
 
 from mulo import functional
@@ -12,9 +13,13 @@ from mulo.meta_weights import (
     save_meta_weights,
 )
 from mulo.optim import SPLO, LearnedOptimizer, MuLO
+from mulo.velo_optim import MuVeLO
+from mulo.velo_optim import VeLOOptimizer as VeLO
 
 __all__ = [
     "MuLO",
+    "MuVeLO",
+    "VeLO",
     "SPLO",
     "LearnedOptimizer",
     "MetaWeightsError",

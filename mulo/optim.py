@@ -88,10 +88,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
         elif roles is not None:
             raise ValueError("roles= needs the model: pass the nn.Module, not its parameters")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
-        self.meta, self.provenance = _resolve_meta(meta_weights, self.parametrization)
+        self.meta, self.provenance = self._load_meta(meta_weights)
         self.chunk_size = chunk_size
         self.foreach = bool(foreach)
         self._meta_cache: dict[tuple, dict[str, Tensor]] = {}
+
+    def _load_meta(self, meta_weights: MetaWeights) -> tuple[dict[str, Tensor], dict]:
+        return _resolve_meta(meta_weights, self.parametrization)
 
     def add_param_group(self, param_group: dict) -> None:
         """Also records each new tensor's s_W: from an explicit ``"role"`` key of the group

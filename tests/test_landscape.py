@@ -86,6 +86,7 @@ def test_landscape_cli_writes_grids_and_figures(data_dir, tmp_path):
     assert set(record["results"]) == {"mulo", "splo", "adamw"}
     for r in record["results"].values():
         assert len(r["interpolation"]["loss"]) == 5
+        assert len(r["distance"]) == 8 and all(d > 0 for d in r["distance"].values())
         plane = r["random_plane"]["loss"]
         assert len(plane) == 3 and all(len(row) == 3 for row in plane)
         # the grids' centres and the random line's middle are all the final weights
