@@ -12,8 +12,9 @@ each cell records the device and host it ran on. A cell shared by two studies (t
 study's 256 is the depth study's depth 3) runs once. An entry with an lr grid is tuned per point
 on the first ``tune_seeds`` seeds; its best lr then runs on every seed. After each study it
 writes ``<study>.md`` (final train loss and held-out metric, mean ± std over seeds, at each
-point's best lr) and ``<study>.png``. A study may set its own ``batch_size`` and lr grids
-(``lrs: {entry: [...]}``) where the defaults do not suit its task.
+point's best lr) and ``<study>.png``. A study may set its own ``batch_size``, lr grids
+(``lrs: {entry: [...]}``) where the defaults do not suit its task, and the ``entries`` it runs
+(default: all of ``optimizers``).
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def run_study(name: str, spec: dict, config: dict, out: Path, cells: dict[str, d
     tune_seeds = seeds[: max(1, config["tune_seeds"])]
     records = []
     for value in spec["values"]:  # value-major: a partial run leaves whole rows of the table
-        for entry, opt in config["optimizers"].items():
+        for entry in study_entries(spec, config):
+            opt = config["optimizers"][entry]
 
             def cell(lr, seed, value=value, entry=entry, opt=opt):
                 return _cell(name, spec, value, entry, opt, lr, seed, config, out, cells)
@@ -170,6 +172,12 @@ def study_batch_size(spec: dict, config: dict) -> int:
     return spec.get("batch_size") or config["batch_size"]
 
 
+def study_entries(spec: dict, config: dict) -> list[str]:
+    """The optimizer entries a study runs: its own ``entries`` list (e.g. an entry that only the
+    horizon study needs), else every entry of ``optimizers``."""
+    return list(spec.get("entries") or config["optimizers"])
+
+
 def study_lrs(spec: dict, entry: str, opt: dict) -> list:
     """An entry's lr grid: the study's own (``lrs: {entry: [...]}``) or the entry's default."""
     return (spec.get("lrs") or {}).get(entry) or opt["lrs"]
@@ -187,14 +195,16 @@ def describe(name: str, spec: dict, config: dict) -> str:
         f"seeds {config['seeds']}. Loss = final train loss (mean of the "
         f"last 10% of steps), mean ± std over seeds; the second column is held-out. Entries "
         f"with an lr grid report the lr with the lowest mean final train loss on seeds {tuned}, "
-        f"then rerun at that lr on every seed.{own_grids} Meta-weights: {weights_used(config)}."
+        f"then rerun at that lr on every seed.{own_grids} Meta-weights: "
+        f"{weights_used(config, study_entries(spec, config))}."
     )
 
 
-def weights_used(config: dict) -> str:
+def weights_used(config: dict, entries: list[str] | None = None) -> str:
     """Which learned optimizer each LO entry ran: its provenance name and content hash."""
     used = []
-    for entry, opt in config["optimizers"].items():
+    for entry in entries or config["optimizers"]:
+        opt = config["optimizers"][entry]
         cls = {"mulo": MuLO, "splo": SPLO}.get(opt["optimizer"]["name"])
         if cls is not None:
             name = opt["optimizer"].get("meta_weights")
@@ -264,15 +274,19 @@ def run(cfg: DictConfig) -> Path:
         axis = config["study"][name]["axis"]
         if axis not in AXES:
             raise ValueError(f"study {name}: axis must be one of {', '.join(AXES)}, got {axis!r}")
-        strays = sorted(set(config["study"][name].get("lrs") or {}) - set(config["optimizers"]))
+        spec = config["study"][name]
+        strays = sorted(set(spec.get("lrs") or {}) - set(config["optimizers"]))
         if strays:
             raise ValueError(f"study {name}: lrs for unknown entries {strays}")
+        strays = sorted(set(spec.get("entries") or []) - set(config["optimizers"]))
+        if strays:
+            raise ValueError(f"study {name}: entries {strays} are not in optimizers")
     out = Path(config["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     cells = load_cells(out / "cells.jsonl")
-    entries = list(config["optimizers"])
     for name in config["studies"]:
         spec = config["study"][name]
+        entries = study_entries(spec, config)
         records = run_study(name, spec, config, out, cells)
         axis = spec["axis"]
         metric = "eval_bpb" if spec["task"]["name"] == "transformer" else "eval_accuracy"

@@ -189,3 +189,35 @@ def test_lrs_for_an_unknown_entry_is_one_line(tmp_path):
     )  # fmt: skip
     assert out.returncode == 2
     assert out.stderr.startswith("error: study cnn: lrs for unknown entries ['adamm']")
+
+
+def test_a_study_may_run_only_its_own_entries(monkeypatch, tmp_path):
+    from experiments import transfer_study as ts
+
+    ran = []
+
+    def fake_run_single(task, optimizer, **kw):
+        ran.append(optimizer["name"])
+        return {"final_train_loss": 1.0, "diverged": False}
+
+    monkeypatch.setattr(ts, "run_single", fake_run_single)
+    entry = {"parametrization": "sp", "lrs": [None]}
+    config = {"batch_size": 4, "device": "cpu", "logger": {}, "progress": False,
+              "seeds": [0], "tune_seeds": 1,
+              "optimizers": {"adamw": {**entry, "optimizer": {"name": "adamw"}},
+                             "sgd": {**entry, "optimizer": {"name": "sgd"}}}}  # fmt: skip
+    spec = {"axis": "width", "values": [8], "steps": 2, "task": {"name": "mlp", "depth": 1}}
+    ts.run_study("s", {**spec, "entries": ["sgd"]}, config, tmp_path, {})
+    assert ran == ["sgd"]
+    ts.run_study("s", spec, config, tmp_path, {})
+    assert ran == ["sgd", "adamw", "sgd"]
+
+
+def test_entries_not_in_optimizers_is_one_line(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.transfer_study", f"out_dir={tmp_path}",
+         "studies=[cnn]", "++study.cnn.entries=[mulo,adamm]"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: study cnn: entries ['adamm'] are not in optimizers")
