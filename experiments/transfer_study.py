@@ -13,8 +13,8 @@ study's 256 is the depth study's depth 3) runs once. An entry with an lr grid is
 on the first ``tune_seeds`` seeds; its best lr then runs on every seed. After each study it
 writes ``<study>.md`` (final train loss and held-out metric, mean ± std over seeds, at each
 point's best lr) and ``<study>.png``. A study may set its own ``batch_size``, lr grids
-(``lrs: {entry: [...]}``) where the defaults do not suit its task, and the ``entries`` it runs
-(default: all of ``optimizers``).
+(``lrs: {entry: [...]}``) where the defaults do not suit its task, the ``entries`` it runs
+(default: all of ``optimizers``) and its own ``seeds``.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def run_study(name: str, spec: dict, config: dict, out: Path, cells: dict[str, d
     With ``run_missing: false`` nothing runs: a point whose cells are not all finished is left
     out (its table cell reads "not run yet").
     """
-    seeds = config["seeds"]
+    seeds = study_seeds(spec, config)
     tune_seeds = seeds[: max(1, config["tune_seeds"])]
     records = []
     for value in spec["values"]:  # value-major: a partial run leaves whole rows of the table
@@ -172,6 +172,11 @@ def study_batch_size(spec: dict, config: dict) -> int:
     return spec.get("batch_size") or config["batch_size"]
 
 
+def study_seeds(spec: dict, config: dict) -> list[int]:
+    """A study may run fewer (or other) seeds than the rest, e.g. where its cells are costly."""
+    return list(spec.get("seeds") or config["seeds"])
+
+
 def study_entries(spec: dict, config: dict) -> list[str]:
     """The optimizer entries a study runs: its own ``entries`` list (e.g. an entry that only the
     horizon study needs), else every entry of ``optimizers``."""
@@ -186,13 +191,13 @@ def study_lrs(spec: dict, entry: str, opt: dict) -> list:
 def describe(name: str, spec: dict, config: dict) -> str:
     task = {k: v for k, v in spec["task"].items() if k not in ("data_root", "eval_size")}
     fixed = "" if spec["axis"] == "steps" else f", {spec['steps']} steps"
-    tuned = config["seeds"][: max(1, config["tune_seeds"])]
+    tuned = study_seeds(spec, config)[: max(1, config["tune_seeds"])]
     batch = study_batch_size(spec, config)
     own = spec.get("lrs") or {}
     own_grids = "".join(f" {e} lr grid here: {lrs}." for e, lrs in own.items())
     return (
         f"Study {name}: {spec['axis']} in {spec['values']}; task {task}{fixed}, batch {batch}, "
-        f"seeds {config['seeds']}. Loss = final train loss (mean of the "
+        f"seeds {study_seeds(spec, config)}. Loss = final train loss (mean of the "
         f"last 10% of steps), mean ± std over seeds; the second column is held-out. Entries "
         f"with an lr grid report the lr with the lowest mean final train loss on seeds {tuned}, "
         f"then rerun at that lr on every seed.{own_grids} Meta-weights: "

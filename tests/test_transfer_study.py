@@ -221,3 +221,19 @@ def test_entries_not_in_optimizers_is_one_line(tmp_path):
     )  # fmt: skip
     assert out.returncode == 2
     assert out.stderr.startswith("error: study cnn: entries ['adamm'] are not in optimizers")
+
+
+def test_a_study_may_run_its_own_seeds(monkeypatch, tmp_path):
+    from experiments import transfer_study as ts
+
+    seeds = []
+    monkeypatch.setattr(ts, "run_single", lambda task, optimizer, **kw: seeds.append(kw["seed"])
+                        or {"final_train_loss": 1.0, "diverged": False})  # fmt: skip
+    config = {"batch_size": 4, "device": "cpu", "logger": {}, "progress": False,
+              "seeds": [0, 1, 2], "tune_seeds": 1,
+              "optimizers": {"sgd": {"parametrization": "sp", "lrs": [None],
+                                     "optimizer": {"name": "sgd"}}}}  # fmt: skip
+    spec = {"axis": "width", "values": [8], "steps": 2, "task": {"name": "mlp", "depth": 1}}
+    assert len(ts.run_study("s", {**spec, "seeds": [5]}, config, tmp_path, {})) == 1
+    assert seeds == [5]
+    assert "seeds [5]" in ts.describe("s", {**spec, "seeds": [5]}, config)
