@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from mulo import functional as LF
+from mulo import velo as V
 from mulo._atomic import atomic_path
 from mulo.functional import init_meta_params
 
@@ -40,7 +41,7 @@ def save_meta_weights(path: str | Path, meta: dict[str, Tensor], provenance: dic
     payload = {
         "format": FORMAT,
         "version": VERSION,
-        "architecture": LF.architecture(meta).name,
+        "architecture": "velo" if V.is_velo(meta) else LF.architecture(meta).name,
         "meta_params": {k: v.detach().cpu().float().clone() for k, v in meta.items()},
         # plain JSON types only, so that weights_only loading can read it back
         "provenance": json.loads(json.dumps(dict(provenance or {}), default=_plain)),
@@ -96,18 +97,16 @@ def load_meta_weights(name_or_path: str | Path) -> tuple[dict[str, Tensor], dict
             f"this mulo reads versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
     arch = payload.get("architecture")
-    if arch not in LF.ARCHITECTURES:
-        raise MetaWeightsError(
-            f"{path} holds {arch!r} weights, expected one of: {', '.join(LF.ARCHITECTURES)}"
-        )
+    if arch not in (*LF.ARCHITECTURES, "velo"):
+        known = ", ".join((*LF.ARCHITECTURES, "velo"))
+        raise MetaWeightsError(f"{path} holds {arch!r} weights, expected one of: {known}")
     meta = payload.get("meta_params")
     check_meta_params(meta, str(path), arch)
     if payload["version"] >= 2 and payload.get("sha256") != _sha256(meta):
         raise MetaWeightsError(
             f"{path} is corrupt: its meta-parameters do not match the sha256 stored with them"
         )
-    shapes = LF.ARCHITECTURES[arch].meta_shapes
-    return {k: meta[k].float() for k in shapes}, dict(payload.get("provenance") or {})
+    return {k: v.float() for k, v in meta.items()}, dict(payload.get("provenance") or {})
 
 
 def digest(meta: dict[str, Tensor]) -> str:
@@ -128,28 +127,11 @@ def check_meta_params(meta, where: str, architecture: str | None = None) -> None
     name: v2 has ``log_lr``)."""
     if not isinstance(meta, dict):
         raise MetaWeightsError(f"{where}: meta_params must be a dict of tensors")
+    if architecture == "velo" or (architecture is None and V.is_velo(meta)):
+        _check_tensors(meta, V.meta_shapes(*velo_sizes(meta)), where, "velo")
+        return
     arch = LF.architecture(meta if architecture is None else architecture)
-    shapes = arch.meta_shapes
-    missing = sorted(set(shapes) - set(meta))
-    extra = sorted(set(meta) - set(shapes))
-    if missing or extra:
-        raise MetaWeightsError(
-            f"{where}: meta_params keys mismatch (missing {missing}, extra {extra})"
-        )
-    for name, shape in shapes.items():
-        t = meta[name]
-        if not isinstance(t, Tensor) or tuple(t.shape) != shape:
-            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise MetaWeightsError(
-                f"{where}: {name} has shape {got}, expected {shape} ({arch.name})"
-            )
-        if not t.is_floating_point():
-            raise MetaWeightsError(
-                f"{where}: {name} has dtype {str(t.dtype).removeprefix('torch.')}, "
-                "expected floating point"
-            )
-        if not torch.isfinite(t).all():
-            raise MetaWeightsError(f"{where}: {name} holds non-finite values")
+    _check_tensors(meta, arch.meta_shapes, where, arch.name)
     # 1 - beta = (1 - beta0) exp(10 theta) must be a usable EMA weight: at 0 (beta rounds to 1
     # in float32) an accumulator never moves; infinite, theta is garbage (above 1 the LO clamps
     # beta to 0: no memory, still an optimizer)
@@ -163,6 +145,37 @@ def check_meta_params(meta, where: str, architecture: str | None = None) -> None
             f"{where}: theta gives a decay with 1 - beta = {worst:.3g}, outside [1e-7, inf) "
             "(an accumulator that never moves, or garbage)"
         )
+
+
+def velo_sizes(meta: dict) -> tuple[int, int]:
+    """(LSTM hidden, bank size) of VeLO meta-parameters, from their shapes."""
+    try:
+        return int(meta["h0"].shape[-1]), int(meta["mix_b"].shape[-1])
+    except (KeyError, AttributeError, IndexError):
+        return V.LSTM_HIDDEN, V.BANK
+
+
+def _check_tensors(meta: dict, shapes: dict, where: str, arch_name: str) -> None:
+    missing = sorted(set(shapes) - set(meta))
+    extra = sorted(set(meta) - set(shapes))
+    if missing or extra:
+        raise MetaWeightsError(
+            f"{where}: meta_params keys mismatch (missing {missing}, extra {extra})"
+        )
+    for name, shape in shapes.items():
+        t = meta[name]
+        if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise MetaWeightsError(
+                f"{where}: {name} has shape {got}, expected {shape} ({arch_name})"
+            )
+        if not t.is_floating_point():
+            raise MetaWeightsError(
+                f"{where}: {name} has dtype {str(t.dtype).removeprefix('torch.')}, "
+                "expected floating point"
+            )
+        if not torch.isfinite(t).all():
+            raise MetaWeightsError(f"{where}: {name} holds non-finite values")
 
 
 _warned: set[str] = set()
@@ -179,7 +192,7 @@ def default_meta_weights(parametrization: str) -> tuple[dict[str, Tensor], dict]
         warnings.warn(
             f"no meta-trained weights {name!r} ship with this mulo yet: using the untrained "
             "meta-initialisation (pass meta_weights=... to load a trained file)",
-            stacklevel=4,
+            stacklevel=5,  # MuLO(...)'s caller: __init__, _load_meta, _resolve_meta, here
         )
     return meta_init()
 

@@ -94,7 +94,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._meta_cache: dict[tuple, dict[str, Tensor]] = {}
 
     def _load_meta(self, meta_weights: MetaWeights) -> tuple[dict[str, Tensor], dict]:
-        return _resolve_meta(meta_weights, self.parametrization)
+        meta, provenance = _resolve_meta(meta_weights, self.parametrization)
+        if "theta" not in meta:
+            raise ValueError(f"{meta_weights} holds VeLO weights: use mulo.MuVeLO / mulo.VeLO")
+        return meta, provenance
 
     def add_param_group(self, param_group: dict) -> None:
         """Also records each new tensor's s_W: from an explicit ``"role"`` key of the group

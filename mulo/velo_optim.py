@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from mulo import velo as V
-from mulo.meta_weights import META_INIT
+from mulo.meta_weights import META_INIT, check_meta_params, load_meta_weights
 from mulo.optim import LearnedOptimizer, MetaWeights, closure_loss
 
 
@@ -47,27 +47,23 @@ class VeLOOptimizer(LearnedOptimizer):
     def _load_meta(self, meta_weights: MetaWeights) -> tuple[dict[str, Tensor], dict]:
         if meta_weights is None:
             raise ValueError(
-                "no meta-trained VeLO weights ship with mulo yet: pass meta_weights= (a dict "
-                f"from mulo.velo.init_meta_params or meta-training), or {META_INIT!r} for the "
-                "untrained initialisation"
+                "no meta-trained VeLO weights ship with mulo yet: pass meta_weights= (a file, "
+                f"or a dict from mulo.velo.init_meta_params or meta-training), or {META_INIT!r} "
+                "for the untrained initialisation"
             )
         if str(meta_weights) == META_INIT:
             meta = V.init_meta_params(1, torch.Generator().manual_seed(0))
             return {k: v[0] for k, v in meta.items()}, {"name": META_INIT}
-        if not isinstance(meta_weights, dict):
+        if isinstance(meta_weights, dict):
+            check_meta_params(meta_weights, "meta_weights", "velo")
+            meta = {k: v.detach().float().clone() for k, v in meta_weights.items()}
+            return meta, {"name": "in-memory"}
+        meta, provenance = load_meta_weights(meta_weights)
+        if not V.is_velo(meta):
             raise ValueError(
-                "VeLO meta-weights are a dict of tensors for now (files and names come with "
-                f"its meta-training), got {type(meta_weights).__name__}"
+                f"{meta_weights} holds small_fc_lopt weights: use mulo.MuLO / mulo.SPLO for them"
             )
-        shapes = V.meta_shapes(*_sizes(meta_weights))
-        wrong = {
-            k for k in shapes if k not in meta_weights or tuple(meta_weights[k].shape) != shapes[k]
-        }
-        if wrong or set(meta_weights) != set(shapes):
-            raise ValueError(f"not VeLO meta-weights: keys or shapes differ at {sorted(wrong)}")
-        return {k: v.detach().float().clone() for k, v in meta_weights.items()}, {
-            "name": "in-memory"
-        }
+        return meta, provenance
 
     @torch.no_grad()
     def step(self, closure=None, loss: float | Tensor | None = None):
@@ -144,11 +140,3 @@ class MuVeLO(VeLOOptimizer):
 
     parametrization = "mup"
     step_mult = V.STEP_MULT_MU
-
-
-def _sizes(meta: dict[str, Tensor]) -> tuple[int, int]:
-    """(LSTM hidden, bank size) a meta-weights dict was built with."""
-    try:
-        return int(meta["h0"].shape[-1]), int(meta["mix_b"].shape[-1])
-    except (KeyError, AttributeError, IndexError):
-        return V.LSTM_HIDDEN, V.BANK

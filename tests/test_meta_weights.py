@@ -197,7 +197,7 @@ def _write(kind: str, path: Path) -> None:
     elif kind == "wrong format":
         torch.save(_payload(format="some-other-format"), path)
     elif kind == "wrong architecture":
-        torch.save(_payload(architecture="velo"), path)
+        torch.save(_payload(architecture="hyper_v3"), path)
     elif kind == "w1 shape":
         torch.save(_payload(meta_params=_meta_with(w1=torch.zeros(32, 40))), path)
     elif kind == "missing key":

@@ -369,7 +369,7 @@ def test_nan_gradients_and_lr_zero_never_move_a_parameter_badly():
     [
         ({"meta_weights": "meta-init"}, "total_steps"),
         ({"total_steps": 5}, "no meta-trained VeLO"),
-        ({"total_steps": 5, "meta_weights": {"w0": torch.zeros(1)}}, "not VeLO meta-weights"),
+        ({"total_steps": 5, "meta_weights": {"w0": torch.zeros(1)}}, "keys mismatch"),
     ],
 )
 def test_bad_construction_is_one_clear_error(kwargs, message):
@@ -383,3 +383,22 @@ def test_step_without_a_loss_is_one_clear_error():
     closure_for(net, opt)()
     with pytest.raises(ValueError, match="training loss"):
         opt.step()
+
+
+def test_velo_weight_files_round_trip_and_stay_with_their_architecture(tmp_path):
+    meta = {k: v[0] for k, v in V.init_meta_params(1, torch.Generator().manual_seed(3)).items()}
+    path = tmp_path / "velo.pt"
+    mulo.save_meta_weights(path, meta, {"name": "test-velo"})
+    loaded, provenance = mulo.load_meta_weights(path)
+    assert provenance["name"] == "test-velo"
+    assert all(torch.equal(loaded[k], meta[k]) for k in meta)
+    a, b = model(), model()
+    oa = mulo.MuVeLO(a, meta_weights=path, total_steps=5)
+    ob = mulo.MuVeLO(b, meta_weights=meta, total_steps=5)
+    oa.step(closure_for(a, oa))
+    ob.step(closure_for(b, ob))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    with pytest.raises(ValueError, match="VeLO weights: use mulo.MuVeLO"):
+        mulo.MuLO(model(), meta_weights=path)
+    with pytest.raises(ValueError, match="small_fc_lopt weights"):
+        mulo.MuVeLO(model(), meta_weights="mulo_m", total_steps=5)
