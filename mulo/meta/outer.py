@@ -68,6 +68,11 @@ class MetaConfig:
     ``unknown_horizon`` (v2): the fraction of inner runs whose length the LO is not told.
     ``augment``: ``[low, high]`` for weight-rescaling augmentation (each tensor of each inner
     run reparametrised by a log-uniform factor in that range), or None.
+    ``outer_optimizer``: what updates θ from the estimate: ``adamw`` (default), ``self`` (the
+    learned optimizer being meta-trained, at its current θ: it trains itself), or meta-weights
+    (a shipped name or a file: a fixed learned optimizer). A learned outer optimizer runs as
+    MuLO (``kind: mu``) or SPLO (``kind: sp``) with s_W = 1 on every meta-tensor, its lr
+    following the same warmup + cosine factor as AdamW's (from 1 down to lr_min / lr_max).
     """
 
     kind: str = "mu"
@@ -76,6 +81,7 @@ class MetaConfig:
     tasks: list[dict] = field(default_factory=list)
     unknown_horizon: float = 0.25
     augment: list[float] | None = None
+    outer_optimizer: str = "adamw"
     depth: int = 3
     pairs: int = 8
     sigma: float = 0.01
@@ -126,6 +132,7 @@ class MetaConfig:
         "tasks": [],
         "unknown_horizon": 0.25,
         "augment": None,
+        "outer_optimizer": "adamw",
     }
     TASK_KEYS = ("name", "width", "depth", "weight", "batch_size", "context")
 
@@ -143,6 +150,11 @@ class MetaConfig:
             if len(aug) != 2 or not (0 < aug[0] <= aug[1] < math.inf):
                 raise ValueError(f"augment must be [low, high] with 0 < low <= high, got {aug}")
             self.augment = aug
+        if not (isinstance(self.outer_optimizer, str) and self.outer_optimizer.strip()):
+            raise ValueError(
+                "outer_optimizer must be adamw, self, or a meta-weights name or file, got "
+                f"{self.outer_optimizer!r}"
+            )
         if self.estimator not in ("pes", "es"):
             raise ValueError(f"unknown estimator {self.estimator!r}; choose 'pes' or 'es'")
         positive = dict(
@@ -327,11 +339,47 @@ class MetaTrainer:
         check_meta_params(meta_init, "meta_init", self.arch.name)
         theta = flatten_meta({k: v.detach().float() for k, v in meta_init.items()})
         self.theta = torch.nn.Parameter(theta.to(self.device).clone())
-        self.optimizer = torch.optim.AdamW(
-            [self.theta], lr=cfg.lr_max, betas=(0.9, 0.999), weight_decay=cfg.weight_decay
-        )
+        self._outer_params: list[torch.nn.Parameter] | None = None
+        self.optimizer = self._outer_optimizer(meta_init)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._schedule())
         self.outer_step = 0
+
+    def _outer_optimizer(self, meta_init: dict[str, Tensor]) -> torch.optim.Optimizer:
+        """AdamW on θ, or a learned optimizer over θ's meta-tensors (one parameter each, so
+        each gets its own per-tensor normalisation), kept in ``_outer_params``."""
+        cfg = self.config
+        if cfg.outer_optimizer == "adamw":
+            return torch.optim.AdamW(
+                [self.theta], lr=cfg.lr_max, betas=(0.9, 0.999), weight_decay=cfg.weight_decay
+            )
+        from mulo.optim import SPLO, MuLO  # mulo.optim imports mulo.meta_weights, not this
+
+        weights = dict(meta_init) if cfg.outer_optimizer == "self" else cfg.outer_optimizer
+        self._outer_params = [  # in θ's (flatten) order
+            torch.nn.Parameter(v.clone())
+            for v in unflatten_meta(self.theta.detach(), self.arch).values()
+        ]
+        cls = MuLO if cfg.kind == "mu" else SPLO
+        groups = [{"params": self._outer_params, "role": "input"}]  # s_W = 1 for each
+        return cls(groups, meta_weights=weights, lr=1.0, total_steps=max(1, cfg.outer_steps))
+
+    def _lo_outer_step(self, grad: Tensor) -> None:
+        """θ <- the learned outer optimizer's step from the estimate ``grad``."""
+        meta = unflatten_meta(self.theta.detach(), self.arch)
+        if self.config.outer_optimizer == "self":  # the LO being trained, at its current θ
+            self.optimizer.meta = {k: v.detach().cpu().clone() for k, v in meta.items()}
+            self.optimizer._meta_cache = {}
+        for p, value, g in zip(
+            self._outer_params, meta.values(), unflatten_meta(grad, self.arch).values(),
+            strict=True,
+        ):  # fmt: skip
+            p.data.copy_(value)
+            p.grad = g.to(p)
+        self.optimizer.step()
+        with torch.no_grad():
+            self.theta.copy_(torch.cat([p.detach().reshape(-1) for p in self._outer_params]))
+        for p in self._outer_params:
+            p.grad = None
 
     def _schedule(self) -> WarmupCosine:
         cfg = self.config
@@ -397,9 +445,12 @@ class MetaTrainer:
         grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0).to(self.theta.device)
         lr = self.optimizer.param_groups[0]["lr"]
         old = self.theta.detach().clone()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.theta.grad = grad
-        self.optimizer.step()
+        if self._outer_params is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.theta.grad = grad
+            self.optimizer.step()
+        else:
+            self._lo_outer_step(grad)
         with torch.no_grad():
             delta = self.theta - old
             norm = float(torch.linalg.vector_norm(delta))
