@@ -658,11 +658,22 @@ class Graft(torch.optim.Optimizer):
                     seen.setdefault(id(p), p)
         return list(seen.values())
 
-    def add_param_group(self, param_group: dict) -> None:
+    def add_param_group(
+        self, param_group: dict, index: int | None = None, direction_index: int | None = None
+    ) -> None:
+        """Adds the group to M and its tensors to D (D's defaults). ``index`` /
+        ``direction_index``: which inner optimizer of a combined M / D (``muon``: 0 Muon, 1
+        AdamW) gets the group."""
         if self._building:  # Optimizer.__init__ registering the magnitude's own groups
             return
-        self.magnitude.add_param_group(param_group)
-        self.direction.add_param_group({"params": list(self.param_groups[-1]["params"])})
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for opt, group, at in ((self.magnitude, {**param_group, "params": params}, index),
+                               (self.direction, {"params": params}, direction_index)):  # fmt: skip
+            if at is None:
+                opt.add_param_group(group)
+            else:
+                opt.add_param_group(group, index=at)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -554,3 +554,20 @@ def test_cli_smoke_run(data_dir, tmp_path, overrides, parametrization):
     assert summary["optimizer"] == overrides[0].split("=")[1]
     assert summary["parametrization"] == parametrization  # graft: the magnitude's
     assert summary["steps_done"] == 3 and math.isfinite(summary["final_train_loss"])
+
+
+def test_graft_add_param_group_reaches_a_combined_magnitude():
+    torch.manual_seed(0)
+    model = P.mlp(10, 8, 2, 3, parametrization="sp")
+    opt = B.build_optimizer("graft", model, magnitude="muon", direction="adamw",
+                            parametrization="sp")  # fmt: skip
+    extra = nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="index="):
+        opt.add_param_group({"params": [extra]})  # muon is Muon + AdamW: which one?
+    opt.add_param_group({"params": [extra]}, index=0)
+    assert any(extra is p for g in opt.magnitude.optimizers[0].param_groups for p in g["params"])
+    for p in [*model.parameters(), extra]:
+        p.grad = torch.randn_like(p)
+    before = extra.detach().clone()
+    opt.step()
+    assert not torch.equal(before, extra)
