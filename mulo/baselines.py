@@ -17,14 +17,16 @@ prodigy    ``prodigyopt.Prodigy`` (lr multiplies its estimated step size)       
 agd        :class:`AGD`, automatic gradient descent (re-initialises the model)   1.0
 naggs      :class:`NAGGS`, NAG-GS (lr is the discretisation step α)              0.1
 graft      :class:`Graft`: ``magnitude``'s step size, ``direction``'s direction  M's (1e-3)
+muvelo     ``mulo.MuVeLO``: VeLO with μP scales (needs ``total_steps``)         1.0
+velo       ``mulo.VeLO``: VeLO, s_W = 1 (needs ``total_steps``)                  1.0
 =========  ====================================================================  ==========
 
 AGD multiplies its automatic step by ``lr`` (1.0: the paper's, nothing to tune). NAG-GS's
 ``lr`` is the paper's α, which enters its update non-linearly (not a step multiplier). graft's
 ``lr`` and schedule are those of its magnitude optimizer M (default adamw, hence 1e-3).
 
-For mulo/splo ``lr`` is the multiplier on the meta-trained step, so 1.0 is the step the
-optimizer was meta-trained with, and a schedule or a batch-size rule scales that multiplier.
+For mulo/splo/muvelo/velo ``lr`` is the multiplier on the meta-trained step, so 1.0 is the step
+the optimizer was meta-trained with, and a schedule or a batch-size rule scales that multiplier.
 
 μAdam and the meaning of its lr: the per-tensor scale is the one μLO uses (docs/math.md §2, absolute
 fan-in, base width 1): hidden matrices get ``lr * base_width / fan_in``, every other tensor
@@ -62,9 +64,12 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 import parametrizations as P
 from mulo.optim import SPLO, MuLO, closure_loss
+from mulo.velo_optim import MuVeLO
+from mulo.velo_optim import VeLOOptimizer as VeLO
 
 OPTIMIZER_NAMES = (
     "mulo", "splo", "sgd", "adamw", "muadam", "muon", "prodigy", "agd", "naggs", "graft",
+    "muvelo", "velo",
 )  # fmt: skip
 SCHEDULE_NAMES = ("constant", "cosine", "wsd")
 LR_SCALING_RULES = ("none", "linear", "sqrt")
@@ -80,6 +85,8 @@ DEFAULT_LR = {
     "prodigy": 1.0,
     "agd": 1.0,  # a multiplier on AGD's automatic step; 1.0 is the paper's (no tuning)
     "naggs": 0.1,
+    "muvelo": 1.0,
+    "velo": 1.0,
     # graft's lr is its magnitude optimizer's, so its default is the magnitude's default; this
     # entry is that of the default magnitude (adamw)
     "graft": 1e-3,
@@ -803,7 +810,8 @@ def build_optimizer(
         betas: Adam betas for adamw, muadam, prodigy and muon's AdamW part.
         parametrization: "mup" or "sp": the s_W of muadam and the roles muon splits by. sgd,
             adamw and prodigy do not use it; mulo is always μP and splo always SP.
-        meta_weights: mulo/splo only: a shipped name, a ``.pt`` path or a dict (None: default).
+        meta_weights: learned optimizers only: a shipped name, a ``.pt`` path or a dict (None:
+            default; VeLO has none yet).
         batch_size, base_batch_size, lr_scaling: ``lr`` is tuned at ``base_batch_size``; the
             rule ("none", "linear", "sqrt"; see :func:`scaled_lr`) moves it to ``batch_size``.
             It applies to every optimizer (for mulo/splo it scales the step multiplier).
@@ -811,7 +819,7 @@ def build_optimizer(
             (docs/math.md §2's absolute fan-in).
         roles: per-name role overrides (``{"pos": "input"}``) for models whose roles cannot be
             inferred; used by mulo, splo, muadam and muon.
-        total_steps: mulo/splo only: the run length for LOs that read training progress
+        total_steps: learned optimizers only: the run length for LOs that read training progress
             (small_fc_lopt_v2); None: not told. Ignored by the others.
         seed: agd only: seeds its re-initialisation (None: torch's global RNG).
         mu, gamma: naggs only: NAG-GS's μ and γ_0 (both > 0; see :class:`NAGGS`).
@@ -853,8 +861,8 @@ def build_optimizer(
     if seed is not None:
         seed = _integer("seed", seed, 0)
 
-    if name in ("mulo", "splo"):
-        cls = MuLO if name == "mulo" else SPLO
+    if name in ("mulo", "splo", "muvelo", "velo"):
+        cls = {"mulo": MuLO, "splo": SPLO, "muvelo": MuVeLO, "velo": VeLO}[name]
         return cls(
             model, meta_weights=meta_weights, lr=lr, weight_decay=weight_decay, roles=roles,
             total_steps=total_steps,

@@ -53,7 +53,10 @@ def train(
             break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        if getattr(optimizer, "reads_loss", False):  # VeLO: the loss is one of its inputs
+            optimizer.step(loss=value)
+        else:
+            optimizer.step()
         if scheduler is not None:
             scheduler.step()
         losses.append(value)

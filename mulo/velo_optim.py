@@ -25,6 +25,7 @@ class VeLOOptimizer(LearnedOptimizer):
 
     parametrization = "sp"
     step_mult = V.STEP_MULT_SP
+    reads_loss = True  # the training loop passes step(loss=...) (mulo.train.train)
     _PICKLED = (*LearnedOptimizer._PICKLED, "_loss_state")
 
     def __init__(

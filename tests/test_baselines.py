@@ -99,9 +99,17 @@ def test_prodigy_comes_from_prodigyopt():
     assert opt.param_groups[0]["lr"] == 1.0 and opt.param_groups[0]["weight_decay"] == 0.01
 
 
+def lo_kwargs(name: str) -> dict:
+    """The learned optimizers' own arguments: small_fc_lopt weights, or VeLO's (it has none
+    shipped) and the run length T it requires."""
+    if name in ("muvelo", "velo"):
+        return {"meta_weights": "meta-init", "total_steps": 5}
+    return {"meta_weights": meta()}
+
+
 def test_default_lrs_and_momenta():
     for name in B.OPTIMIZER_NAMES:
-        opt = B.build_optimizer(name, mlp(), meta_weights=meta())
+        opt = B.build_optimizer(name, mlp(), **lo_kwargs(name))
         assert opt.param_groups[0]["lr"] == B.DEFAULT_LR[name], name
     sgd = B.build_optimizer("sgd", mlp())
     assert sgd.param_groups[0]["momentum"] == 0.9 and sgd.param_groups[0]["nesterov"]
@@ -323,7 +331,7 @@ def test_scaled_lr_rules():
 @pytest.mark.parametrize("name", B.OPTIMIZER_NAMES)
 def test_lr_scaling_applies_to_every_optimizer(name):
     opt = B.build_optimizer(
-        name, mlp(), meta_weights=meta(), batch_size=256, base_batch_size=64, lr_scaling="sqrt"
+        name, mlp(), **lo_kwargs(name), batch_size=256, base_batch_size=64, lr_scaling="sqrt"
     )
     assert opt.param_groups[0]["lr"] == pytest.approx(2 * B.DEFAULT_LR[name])
     if name == "muon":

@@ -402,3 +402,23 @@ def test_velo_weight_files_round_trip_and_stay_with_their_architecture(tmp_path)
         mulo.MuLO(model(), meta_weights=path)
     with pytest.raises(ValueError, match="small_fc_lopt weights"):
         mulo.MuVeLO(model(), meta_weights="mulo_m", total_steps=5)
+
+
+@pytest.mark.parametrize("name", ["muvelo", "velo"])
+def test_experiments_build_velo_by_name_and_the_loop_hands_it_the_loss(name, tmp_path):
+    from helpers import write_learnable_fashion
+
+    from experiments.evaluate import build_run, natural_parametrization
+    from mulo.train import train
+
+    data = write_learnable_fashion(tmp_path)
+    cfg = {"name": name, "meta_weights": "meta-init", "total_steps": "auto"}
+    parametrization = natural_parametrization({"name": name, "parametrization": None}) or "mup"
+    task, opt, scheduler = build_run(
+        {"name": "mlp", "width": 8, "depth": 2, "data_root": str(data), "eval_size": 16}, cfg,
+        parametrization=parametrization, steps=4, batch_size=8, seed=0, device="cpu",
+    )  # fmt: skip
+    assert type(opt) is (mulo.MuVeLO if name == "muvelo" else mulo.VeLO)
+    assert opt.total_steps == 4
+    summary = train(task, opt, scheduler, steps=4, progress=False)
+    assert summary["steps_done"] == 4 and opt._loss_state.count.item() == 4
