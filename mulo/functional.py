@@ -678,6 +678,8 @@ def lo_step_many_(
         raise ValueError("lo_step_many_ needs tensors of one shape and one dtype")
     if compute_dtype(first.dtype) != first.dtype:
         raise ValueError(f"lo_step_many_ does not take {first.dtype} (step it with lo_step_)")
+    if any(v.shape[0] != 1 for v in meta.values()):
+        raise ValueError("lo_step_many_ shares one set of meta-parameters: meta must be [1, ...]")
     if len({s.horizon is None for s in states}) > 1:
         raise ValueError("lo_step_many_ needs the horizon known for all the tensors or for none")
     stacked = LOState(**{

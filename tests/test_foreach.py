@@ -157,6 +157,11 @@ def test_lo_step_many_refuses_what_it_cannot_stack():
         LF.lo_step_many_(
             meta, [LF.init_state(b)] * 2, [b, b.clone()], [b, b], scale=1.0, step_mult=0.01
         )
+    with pytest.raises(ValueError, match=r"\[1, \.\.\.\]"):
+        two = {k: v.expand(2, *v.shape[1:]) for k, v in meta.items()}
+        LF.lo_step_many_(
+            two, [LF.init_state(p)] * 2, [p, p.clone()], [p, p], scale=1.0, step_mult=0.01
+        )
     states = [LF.init_state(p, horizon=10), LF.init_state(p)]
     with pytest.raises(ValueError, match="horizon"):
         LF.lo_step_many_(meta, states, [p, p.clone()], [p, p], scale=1.0, step_mult=0.01)
