@@ -225,6 +225,65 @@ def schedule(t: Tensor, horizon: Tensor | None = None) -> Tensor:
     return warm * torch.where(known > 0, cosine, torch.ones_like(t))
 
 
+class Prepared:
+    """What a step derives from the meta-parameters alone, computed once for every tensor and
+    step that uses them: the decays, the first layer's column blocks, the network laid out for
+    the kernel and v2's step sizes; and, memoised for the last step counters seen, the time
+    inputs folded into the first bias and v2's schedule. Every tensor of a model is at the same
+    step (in the optimizer and in meta-training), so one memo entry serves them all; on small
+    tensors this per-tensor work used to cost more than the network itself.
+
+    ``prepare(meta)`` builds one; ``lo_step_`` takes it wherever it takes ``meta``. The
+    meta-parameters must not change in place while it is in use (prepare them again).
+    """
+
+    def __init__(self, meta: dict[str, Tensor], dtype: torch.dtype | None = None):
+        if dtype is not None and meta["w1"].dtype != dtype:
+            meta = {k: v.to(dtype) for k, v in meta.items()}
+        self.meta = meta
+        self.arch = architecture(meta)
+        self.dtype = meta["w1"].dtype
+        one_minus_beta = 1 - decays(meta["theta"])  # [P, 7]
+        self.w_moments = one_minus_beta[:, 0:4].contiguous()  # m0..2, v: the kernel's layout
+        self.w_factored = one_minus_beta[:, 4:7]
+        w1 = meta["w1"]
+        self.w1_matrix = w1[:, :, list(MATRIX_ELEMENT_CHANNELS)]
+        self.w1_vector = w1[:, :, list(VECTOR_ELEMENT_CHANNELS)]
+        self.w1_row = w1[:, :, list(MATRIX_ROW_CHANNELS)]
+        self.w1_col = w1[:, :, list(MATRIX_COL_CHANNELS)]
+        self.w1_time = w1[:, :, NUM_NORMALISED:]
+        self.net = tuple(meta[k].contiguous() for k in ("w2", "b2", "w3", "b3"))
+        self.step_sizes = torch.exp(meta["log_lr"].double()) if self.arch.normalised else None
+        self._memo: tuple | None = None
+
+    def timed(self, t: Tensor, horizon: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """(first-layer bias with the time inputs folded in [P, 32], v2's schedule [P] float64
+        or None for v1) at step counters ``t`` [P] and run lengths ``horizon``."""
+        memo = self._memo
+        if memo is not None and _same(memo[0], t) and _same(memo[1], horizon):
+            return memo[2], memo[3]
+        times = time_inputs(self.arch, t, horizon, self.dtype)
+        bias = self.meta["b1"] + torch.einsum("phf,pf->ph", self.w1_time, times)
+        sched = None
+        if self.arch.normalised:
+            sched = schedule(t.to(self.step_sizes.device), horizon).to(self.step_sizes.device)
+        self._memo = (t.clone(), _maybe(horizon, Tensor.clone), bias, sched)
+        return bias, sched
+
+
+def prepare(meta: dict[str, Tensor] | Prepared, dtype: torch.dtype | None = None) -> Prepared:
+    """``meta`` as a :class:`Prepared` (in ``dtype`` if given); a Prepared one passes through."""
+    if isinstance(meta, Prepared):
+        return meta if dtype is None or meta.dtype == dtype else Prepared(meta.meta, dtype)
+    return Prepared(meta, dtype)
+
+
+def _same(a: Tensor | None, b: Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and a.device == b.device and torch.equal(a, b)
+
+
 def factored_dims(shape: tuple[int, ...]) -> tuple[int, int] | None:
     """(d0, d1): the largest and second-largest dims (stable order), None below rank 2."""
     if len(shape) < 2:
@@ -354,16 +413,15 @@ def _bcast(w: Tensor, ndim: int) -> Tensor:
 class _Plan:
     """Everything one step of one tensor needs that does not change between chunks."""
 
-    def __init__(self, meta: dict[str, Tensor], state: LOState, p: Tensor, g: Tensor, chunk: int):
+    def __init__(self, prep: Prepared, state: LOState, p: Tensor, g: Tensor, chunk: int):
         self.shape = tuple(p.shape[1:])
         self.pop = p.shape[0]
         self.numel = math.prod(self.shape)
         nd = len(self.shape)
-        one_minus_beta = 1 - decays(meta["theta"])  # [P, 7]
-        self.w_moments = one_minus_beta[:, 0:4].contiguous()  # m0..2, v: the kernel's layout
-        self.w_m = _bcast(one_minus_beta[:, 0:3], nd)
-        self.w_v = _bcast(one_minus_beta[:, 3], nd)
-        self.w_f = _bcast(one_minus_beta[:, 4:7], nd)
+        self.w_moments = prep.w_moments  # [P, 4]: 1 - beta of m0..2, v (the kernel's layout)
+        self.w_m = _bcast(prep.w_moments[:, 0:3], nd)
+        self.w_v = _bcast(prep.w_moments[:, 3], nd)
+        self.w_f = _bcast(prep.w_factored, nd)
         self.dims = factored_dims(self.shape)
         self.channels = VECTOR_ELEMENT_CHANNELS if self.dims is None else MATRIX_ELEMENT_CHANNELS
         self.chunk_dim, self.chunks = _chunk_plan(self.shape, chunk)
@@ -484,7 +542,7 @@ def features(meta: dict[str, Tensor], state: LOState, param: Tensor, grad: Tenso
     """
     state = state.clone()
     p, g = _at_least_1d(param), _at_least_1d(_sanitize(grad))
-    plan = _Plan(meta, state, p, g, chunk=p[0].numel())  # one chunk: the whole tensor
+    plan = _Plan(prepare(meta), state, p, g, chunk=p[0].numel())  # one chunk: the whole tensor
     _accumulate_and_measure_(plan, state, p, g)
     pc, gc, mvc, factors = _chunk_views(plan, state, p, g, 0, plan.shape[plan.chunk_dim])
     elem = torch.empty(plan.pop, len(plan.channels), *plan.shape, dtype=p.dtype, device=p.device)
@@ -502,49 +560,50 @@ def features(meta: dict[str, Tensor], state: LOState, param: Tensor, grad: Tenso
     return torch.cat([out, tf], dim=1)
 
 
-def _first_layer(meta: dict[str, Tensor], plan: _Plan, state: LOState, sum_sq: Tensor):
+def _first_layer(prep: Prepared, plan: _Plan, state: LOState, sum_sq: Tensor):
     """Fold normalisation, time features and broadcast channels into the first layer.
 
     Returns the [P, 32, K] weight applied to the per-element channels and the list of
     tensors, hidden dim last, whose sum is the rest of the first layer's pre-activation
     (each broadcastable to [P, *S, 32]).
     """
-    w1 = meta["w1"]
     nd = len(plan.shape)
-    w_elem = w1[:, :, list(plan.channels)] * _rms_inverse(sum_sq, plan.numel)[:, None, :]
-    times = time_inputs(architecture(meta), state.t, state.horizon, w1.dtype)
-    bias = meta["b1"] + torch.einsum("phf,pf->ph", w1[:, :, NUM_NORMALISED:], times)
+    w1_elem = prep.w1_vector if plan.dims is None else prep.w1_matrix
+    w_elem = w1_elem * _rms_inverse(sum_sq, plan.numel)[:, None, :]
+    bias, _ = prep.timed(state.t, state.horizon)
     terms = [bias.reshape(plan.pop, *([1] * nd), HIDDEN)]
     if plan.dims is not None:
-        for acc, idx in ((state.row, MATRIX_ROW_CHANNELS), (state.col, MATRIX_COL_CHANNELS)):
+        for acc, w1_part in ((state.row, prep.w1_row), (state.col, prep.w1_col)):
             ch = _broadcast_channels(acc)  # [P, 6, *S_reduced]; uniform broadcast keeps the mean
-            inv = _rms_inverse(ch.square().flatten(2).sum(2), ch[0, 0].numel())
-            w = w1[:, :, list(idx)] * inv[:, None, :]
-            terms.append(torch.einsum("phc,pc...->p...h", w, ch))
+            flat = ch.flatten(2)
+            inv = _rms_inverse(flat.square().sum(2), flat.shape[2])
+            # [P, n_reduced, 6] @ [P, 6, 32]: this statistic's part of every row's / column's
+            # pre-activation
+            part = torch.bmm(flat.transpose(1, 2), (w1_part * inv[:, None, :]).transpose(1, 2))
+            terms.append(part.view(plan.pop, *ch.shape[2:], HIDDEN))
         terms = [terms[0] + terms[1], terms[2]]
     return w_elem.contiguous(), terms
 
 
-def _step_sizes(arch: Architecture, meta, state: LOState, plan: _Plan, scale, step_mult, lr):
+def _step_sizes(prep: Prepared, state: LOState, plan: _Plan, scale, step_mult, lr):
     """The per-tensor factor of the step: a float (v1: -lr * s_W * step_mult, the same for
     every particle) or [P] float32 (v2: -lr * s_W * exp(log_lr[group]) * schedule(t, T), with
     group 0 for rank < 2, 2 for hidden (s_W < 1) and 1 for other matrices)."""
-    if not arch.normalised:
+    if not prep.arch.normalised:
         return -lr * scale * step_mult
     group = 0 if plan.dims is None else (2 if scale < 1 else 1)
-    base = torch.exp(meta["log_lr"][:, group].double())
-    sched = schedule(state.t.to(base.device), state.horizon)
-    return (-lr * scale * base * sched.to(base.device)).float()
+    _, sched = prep.timed(state.t, state.horizon)
+    return (-lr * scale * prep.step_sizes[:, group] * sched).float()
 
 
 def _apply_normalised_(p: Tensor, raw: Tensor, dsq: Tensor, alpha: Tensor, numel: int) -> None:
     """v2: p += alpha * raw / rms(d), per particle (dsq: sum of d^2 over the finite steps)."""
-    inv_rms = torch.rsqrt(dsq / numel + V2_NORM_EPS).to(p.dtype)
-    factor = (alpha.to(p.device, p.dtype) * inv_rms.to(p.device)).reshape(-1, *[1] * (p.dim() - 1))
-    p.add_(raw.view(p.shape) * factor)
+    inv_rms = torch.rsqrt(dsq / numel + V2_NORM_EPS).to(p.device, p.dtype)
+    factor = alpha.to(p.device, p.dtype) * inv_rms
+    p.view(p.shape[0], -1).addcmul_(raw.view(p.shape[0], -1), factor[:, None])
 
 
-def _fused_step_(arch, meta, plan: _Plan, state: LOState, p, g, alpha, geo) -> None:
+def _fused_step_(prep: Prepared, plan: _Plan, state: LOState, p, g, alpha, geo) -> None:
     """The whole step of a matrix-like tensor in the C kernel: two passes over the elements,
     no element-sized temporaries (v2 adds one: the raw step, normalised before it is applied)."""
     pop = plan.pop
@@ -553,29 +612,30 @@ def _fused_step_(arch, meta, plan: _Plan, state: LOState, p, g, alpha, geo) -> N
     f0, f1 = (plan.rf, plan.cf) if d0 == 0 else (plan.cf, plan.rf)
     f0, f1 = (f.reshape(pop, 3, -1).contiguous() for f in (f0, f1))
     sums = kernel.accumulate_(geo, g, p, state.mv, plan.w_moments, f0, f1)
-    w_elem, terms = _first_layer(meta, plan, state, sums.to(p.dtype))
+    w_elem, terms = _first_layer(prep, plan, state, sums.to(p.dtype))
     t0, t1 = terms if d0 == 0 else terms[::-1]
     t0 = t0.reshape(pop, -1, HIDDEN).transpose(1, 2).contiguous()  # [P, 32, n0]: see lo_net.c
     t1 = t1.reshape(pop, -1, HIDDEN).contiguous()
-    net = [meta[k].contiguous() for k in ("w2", "b2", "w3", "b3")]
+    arch = prep.arch
     raw = torch.empty(pop, plan.numel, dtype=p.dtype) if arch.normalised else None
     scalar = not isinstance(alpha, Tensor)
     alpha_p = torch.full((pop,), alpha, dtype=torch.float32) if scalar else alpha.contiguous()
     dsq = kernel.step_(
-        geo, g, p, state.mv, f0, f1, w_elem, t0, t1, *net,
+        geo, g, p, state.mv, f0, f1, w_elem, t0, t1, *prep.net,
         exp_mult=arch.exp_mult, exp_cap=arch.exp_cap, alpha=alpha_p, out=raw,
     )  # fmt: skip
     if raw is not None:
         _apply_normalised_(p, raw, dsq, alpha_p, plan.numel)
 
 
-def _torch_step_(arch, meta, plan: _Plan, state: LOState, p, g, alpha) -> None:
+def _torch_step_(prep: Prepared, plan: _Plan, state: LOState, p, g, alpha) -> None:
     """The PyTorch path (and the reference for the kernel), chunk by chunk: any shape, dtype
     and device."""
+    arch = prep.arch
     sum_sq = _accumulate_and_measure_(plan, state, p, g)
-    w_elem, terms = _first_layer(meta, plan, state, sum_sq)
-    w2_t, b2 = meta["w2"].transpose(1, 2), meta["b2"].unsqueeze(1)
-    w3_t, b3 = meta["w3"].transpose(1, 2), meta["b3"].unsqueeze(1)
+    w_elem, terms = _first_layer(prep, plan, state, sum_sq)
+    w2, b2, w3, b3 = prep.net
+    w2_t, b2, w3_t, b3 = w2.transpose(1, 2), b2.unsqueeze(1), w3.transpose(1, 2), b3.unsqueeze(1)
     k, pop = len(plan.channels), plan.pop
     x_space, h1_space = None, None
     raw = torch.empty_like(p) if arch.normalised else None
@@ -614,7 +674,7 @@ def _torch_step_(arch, meta, plan: _Plan, state: LOState, p, g, alpha) -> None:
 
 
 def lo_step_(
-    meta: dict[str, Tensor],
+    meta: dict[str, Tensor] | Prepared,
     state: LOState,
     param: Tensor,
     grad: Tensor,
@@ -627,6 +687,8 @@ def lo_step_(
 ) -> None:
     """One small_fc_lopt step (v1 or v2, from ``meta``'s keys) for a population-stacked
     tensor, in place. ``scale`` is the per-tensor s_W (1/fan_in for μP hidden weights, else 1).
+    ``meta``: the meta-parameters [P, ...], or :func:`prepare` of them (faster when they step
+    many tensors: what depends on them alone is then computed once).
 
     v1: ``p <- p - lr * scale * step_mult * d * exp(0.001 a)`` with (d, a) the network's outputs.
     v2: ``p <- p - lr * scale * exp(log_lr[group]) * schedule(t, T) * u / rms(d)`` with
@@ -651,7 +713,7 @@ def lo_step_(
 
 
 def lo_step_many_(
-    meta: dict[str, Tensor],
+    meta: dict[str, Tensor] | Prepared,
     states: list[LOState],
     params: list[Tensor],
     grads: list[Tensor],
@@ -673,6 +735,8 @@ def lo_step_many_(
     """
     if not params:
         return
+    if isinstance(meta, Prepared):
+        meta = meta.meta
     first = params[0]
     if any(p.shape[1:] != first.shape[1:] or p.dtype != first.dtype for p in params):
         raise ValueError("lo_step_many_ needs tensors of one shape and one dtype")
@@ -703,17 +767,15 @@ def lo_step_many_(
 
 
 def _step_(meta, state: LOState, param, grad, scale, step_mult, lr, chunk_size) -> None:
-    if next(iter(meta.values())).dtype != param.dtype:
-        meta = {k: v.to(param.dtype) for k, v in meta.items()}
-    arch = architecture(meta)
+    prep = prepare(meta, param.dtype)
     p, g = _at_least_1d(param), _at_least_1d(_sanitize(grad))
-    plan = _Plan(meta, state, p, g, chunk_size)
-    alpha = _step_sizes(arch, meta, state, plan, scale, step_mult, lr)
+    plan = _Plan(prep, state, p, g, chunk_size)
+    alpha = _step_sizes(prep, state, plan, scale, step_mult, lr)
     geo = kernel.geometry(plan.shape, plan.dims) if USE_KERNEL else None
     if geo is not None and kernel.usable(p, state.mv) and kernel.load() is not None:
-        _fused_step_(arch, meta, plan, state, p, g.contiguous(), alpha, geo)
+        _fused_step_(prep, plan, state, p, g.contiguous(), alpha, geo)
     else:
-        _torch_step_(arch, meta, plan, state, p, g, alpha)
+        _torch_step_(prep, plan, state, p, g, alpha)
     state.t += 1
 
 

@@ -91,7 +91,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.meta, self.provenance = self._load_meta(meta_weights)
         self.chunk_size = chunk_size
         self.foreach = bool(foreach)
-        self._meta_cache: dict[tuple, dict[str, Tensor]] = {}
+        self._meta_cache: dict[tuple, LF.Prepared] = {}
 
     def _load_meta(self, meta_weights: MetaWeights) -> tuple[dict[str, Tensor], dict]:
         meta, provenance = _resolve_meta(meta_weights, self.parametrization)
@@ -153,12 +153,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if "mv" in state:
                 _check_loaded_state(state, p, i)
 
-    def _meta_for(self, p: Tensor) -> dict[str, Tensor]:
+    def _meta_for(self, p: Tensor) -> LF.Prepared:
         key = (p.device, LF.compute_dtype(p.dtype))
         if key not in self._meta_cache:
-            self._meta_cache[key] = {
-                k: v.to(device=key[0], dtype=key[1]).unsqueeze(0) for k, v in self.meta.items()
-            }
+            self._meta_cache[key] = LF.prepare(
+                {k: v.to(device=key[0], dtype=key[1]).unsqueeze(0) for k, v in self.meta.items()}
+            )
         return self._meta_cache[key]
 
     @torch.no_grad()

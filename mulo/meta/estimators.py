@@ -434,6 +434,7 @@ def unroll_(
     runs on ``factor * p`` and the LO sees ``p`` and the chain-rule gradient ``factor * grad``."""
     losses = []
     names = list(task.scales)
+    meta_pop = LF.prepare(meta_pop)  # shared by every tensor and step of this unroll
     for _ in range(steps):
         x, y = draw()
         loss, grads = task.grads(rescaled(params, factors, names), x, y)
