@@ -3,10 +3,13 @@
     python -m experiments.bench_meta                      # widths 32 64 128, 2 outer steps each
     python -m experiments.bench_meta --widths 64 --steps 3 --architecture small_fc_lopt_v2
     python -m experiments.bench_meta --populations 1 8 16 # also: inner steps/s by population
+    python -m experiments.bench_meta --experiment mulo_v2  # an experiment's own task mix
 
 One outer step is what meta-training repeats: 8 antithetic pairs (16 particles) of a 196 -> w ->
 w -> w -> 10 μP MLP (Fashion-MNIST, batch 128) trained K = 50 inner steps by the LO (PES), then
-the AdamW update of the meta-parameters. "unfused" runs every LO step through batched matmuls
+the AdamW update of the meta-parameters (``--experiment`` times that experiment's own
+configuration instead, e.g. ``mulo_v2``: its task mix of MLPs and a CNN, v2 architecture).
+"unfused" runs every LO step through batched matmuls
 (``functional.USE_KERNEL = False``: the PyTorch path, and meta-training's only path before the
 kernel took populations); "fused" through the C kernel (mulo/kernels/lo_net.c), which builds the
 features and runs the network of every particle in registers. Both paths start from the same
@@ -19,7 +22,9 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -52,6 +57,23 @@ def outer_step_seconds(trainer: MetaTrainer, fused: bool, steps: int) -> tuple[f
         LF.USE_KERNEL = old
 
 
+def experiment_config(name: str) -> MetaConfig:
+    """The meta-training config of ``experiments.meta_train experiment=<name>``, without its
+    checkpoints and held-out evaluations."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    if not (configs / "experiment" / f"{name}.yaml").exists():
+        names = sorted(p.stem for p in (configs / "experiment").glob("*.yaml"))
+        print(f"error: unknown experiment {name!r}; valid: {', '.join(names)}", file=sys.stderr)
+        raise SystemExit(2)
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        cfg = compose("meta_train", overrides=[f"experiment={name}"])
+    meta = OmegaConf.to_container(cfg.meta, resolve=True)
+    return MetaConfig.from_dict({**meta, "checkpoint_every": 0, "eval_every": 0})
+
+
 def unroll(population: int, width: int, steps: int, batch: int, seed: int = 0) -> float:
     """Seconds for ``steps`` inner steps of a ``population``-particle MLP trained by the LO."""
     gen = torch.Generator().manual_seed(seed)
@@ -78,10 +100,13 @@ def main(argv=None) -> int:
     ap.add_argument("--architecture", default="small_fc_lopt", choices=list(LF.ARCHITECTURES))
     ap.add_argument("--populations", type=int, nargs="*", default=[])
     ap.add_argument("--inner-steps", type=int, default=50)
+    ap.add_argument("--experiment", help="time this meta_train experiment's config instead")
     args = ap.parse_args(argv)
     if min(*args.widths, args.steps, args.inner_steps, *args.populations) < 1:
         ap.error("--widths, --steps, --inner-steps and --populations must be >= 1")
     torch.set_flush_denormal(True)
+    if args.experiment:
+        return bench_experiment(args.experiment, args.steps)
     print(
         f"# {platform.node()} | {_cpu_model()} | torch {torch.__version__} | "
         f"{torch.get_num_threads()} threads | {args.architecture} | 8 pairs, K = 50, batch 128 | "
@@ -106,6 +131,27 @@ def main(argv=None) -> int:
             seconds = unroll(n, args.widths[0], args.inner_steps, 128)
             rate = args.inner_steps / seconds
             print(f"| {n} | {rate:.1f} | {n * rate:.1f} |")
+    return 0
+
+
+def bench_experiment(name: str, steps: int) -> int:
+    config = experiment_config(name)
+    mix = ", ".join(f"{t['name']} w{t['width']}" for t in config.task_specs())
+    print(
+        f"# {platform.node()} | {_cpu_model()} | torch {torch.__version__} | "
+        f"{torch.get_num_threads()} threads | experiment {name}: {config.architecture}, {mix}, "
+        f"{config.pairs} pairs, K = {config.truncation} | {time.strftime('%Y-%m-%d %H:%M')}"
+    )
+    trainer = MetaTrainer(config)
+    trainer.step()  # warm-up
+    unfused, g_unfused = outer_step_seconds(trainer, False, steps)
+    fused, g_fused = outer_step_seconds(trainer, True, steps)
+    diff = float((g_fused - g_unfused).abs().max() / g_unfused.norm().clamp(min=1e-30))
+    print(
+        "| experiment | unfused s/outer step | fused s/outer step | speedup | max estimate diff |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    print(f"| {name} | {unfused:.2f} | {fused:.2f} | {unfused / fused:.2f}x | {diff:.1e} |")
     return 0
 
 
