@@ -13,7 +13,8 @@ checkpoint on the same trajectory:
   ``meta.eval_every`` steps the held-out evaluation on a wider fresh MLP (``eval/...``);
 - ``meta_weights.pt`` (refreshed at every checkpoint and at the end): the current learned
   optimizer with its provenance, loadable with
-  ``mulo.MuLO(model, meta_weights=".../meta_weights.pt")``.
+  ``mulo.MuLO(model, meta_weights=".../meta_weights.pt")``;
+- ``snapshots/meta_weights_<step>.pt``: the weights of every held-out evaluation, kept.
 """
 
 from __future__ import annotations
@@ -106,6 +107,11 @@ def run(cfg: DictConfig) -> None:
                 # a loadable snapshot beside each checkpoint, so a long run's weights can be
                 # committed (and tried) while it progresses
                 export(trainer, out / "meta_weights.pt", config["name"], record["meta_loss"])
+            if any(key.startswith("eval/") for key in record):
+                # the weights each held-out evaluation measured, kept (15 kB each): the best
+                # of a run is not always its last
+                path = out / "snapshots" / f"meta_weights_{record['step']:05d}.pt"
+                export(trainer, path, config["name"], record["meta_loss"])
             bar.update(record["step"] - bar.n)
 
     run_meta_training(trainer, str(checkpoint), log=on_record)

@@ -74,6 +74,11 @@ def test_runs_resumes_with_the_same_command_and_exports_weights(data_dir, tmp_pa
 
     meta, provenance = mulo.load_meta_weights(run / "meta_weights.pt")
     assert provenance["outer_steps"] == 4 and provenance["config"]["kind"] == "mu"
+    # every held-out evaluation (eval_every=2) keeps the weights it measured
+    snapshots = sorted(p.name for p in (run / "snapshots").iterdir())
+    assert snapshots == ["meta_weights_00002.pt", "meta_weights_00004.pt"]
+    _, at_2 = mulo.load_meta_weights(run / "snapshots" / "meta_weights_00002.pt")
+    assert at_2["outer_steps"] == 2
     assert provenance["name"] == "mulo_s" and len(provenance["commit"]) >= 7
     model = P.mlp(12, 16, 2, 3)
     opt = mulo.MuLO(model, meta_weights=run / "meta_weights.pt")
