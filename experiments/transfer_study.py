@@ -15,6 +15,16 @@ writes ``<study>.md`` (final train loss and held-out metric, mean ± std over se
 point's best lr) and ``<study>.png``. A study may set its own ``batch_size``, lr grids
 (``lrs: {entry: [...]}``) where the defaults do not suit its task, the ``entries`` it runs
 (default: all of ``optimizers``) and its own ``seeds``.
+
+``shard=K/N`` runs only the cells whose identity hashes to K mod N, so N processes share the
+study without running a cell twice (each appends to the same ``cells.jsonl``), e.g. one
+one-thread process per core:
+
+    OMP_NUM_THREADS=1 python -m experiments.transfer_study shard=0/2 &
+    OMP_NUM_THREADS=1 python -m experiments.transfer_study shard=1/2; wait
+
+A tuned entry's winner is known only once its whole grid has run, so repeat the pair until no
+cell is left; the plain command then writes the full tables.
 """
 
 from __future__ import annotations
@@ -144,7 +154,7 @@ def _cell(name, spec, value, entry, opt, lr, seed, config, out: Path, cells) -> 
     identity = cell_identity(task, steps, entry, opt, lr, seed, batch_size)
     if identity in cells:
         return {**cells[identity], axis: value}
-    if not config.get("run_missing", True):
+    if not config.get("run_missing", True) or not in_shard(identity, config.get("shard")):
         return None
     key = cell_key(name, value, entry, lr, seed)
     print(f"[{key}]", flush=True)
@@ -165,6 +175,29 @@ def _cell(name, spec, value, entry, opt, lr, seed, config, out: Path, cells) -> 
         f.write(json.dumps(record, default=str) + "\n")
     cells[identity] = record
     return {**record, axis: value}
+
+
+def parse_shard(shard) -> tuple[int, int] | None:
+    """``"K/N"`` -> (K, N) with 0 <= K < N; None (or "") -> None."""
+    if shard in (None, ""):
+        return None
+    parts = str(shard).split("/")
+    try:
+        k, n = (int(p) for p in parts)
+    except ValueError:
+        k, n = -1, 0
+    if len(parts) != 2 or not 0 <= k < n:
+        raise ValueError(f"shard must be K/N with 0 <= K < N (e.g. 0/2), got {shard!r}")
+    return k, n
+
+
+def in_shard(identity: str, shard) -> bool:
+    """Whether this process runs the cell ``identity`` (a stable hash, the same on every host)."""
+    parsed = parse_shard(shard)
+    if parsed is None:
+        return True
+    k, n = parsed
+    return int(hashlib.sha1(identity.encode()).hexdigest(), 16) % n == k
 
 
 def study_batch_size(spec: dict, config: dict) -> int:
@@ -275,6 +308,7 @@ def run(cfg: DictConfig) -> Path:
         raise ValueError(f"unknown studies {unknown}; choose from {sorted(config['study'])}")
     if not config["seeds"] or not config["optimizers"]:
         raise ValueError("seeds and optimizers must each name at least one value")
+    shard = parse_shard(config.get("shard"))
     for name in config["studies"]:
         axis = config["study"][name]["axis"]
         if axis not in AXES:
@@ -303,6 +337,8 @@ def run(cfg: DictConfig) -> Path:
         plot(best, entries, spec["values"], out / f"{name}.png", axis=axis, title=f"study: {name}")
         print(f"\n{name}:\n{md}\n")
     print(f"cells: {out / 'cells.jsonl'} ({len(cells)} finished); tables and plots in {out}")
+    if shard is not None:
+        print(f"shard {shard[0]}/{shard[1]}: ran only its own cells; the tables lack the others'")
     return out
 
 

@@ -237,3 +237,48 @@ def test_a_study_may_run_its_own_seeds(monkeypatch, tmp_path):
     assert len(ts.run_study("s", {**spec, "seeds": [5]}, config, tmp_path, {})) == 1
     assert seeds == [5]
     assert "seeds [5]" in ts.describe("s", {**spec, "seeds": [5]}, config)
+
+
+def test_shards_split_the_cells_and_together_run_each_once(monkeypatch, tmp_path):
+    from experiments import transfer_study as ts
+
+    ran = []
+    monkeypatch.setattr(
+        ts, "run_single",
+        lambda task, optimizer, **kw: ran.append((task["width"], optimizer["lr"], kw["seed"]))
+        or {"lr": optimizer["lr"], "seed": kw["seed"], "diverged": False,
+            "final_train_loss": 1.0 / (1 + optimizer["lr"])},
+    )  # fmt: skip
+    config = {"batch_size": 4, "device": "cpu", "logger": {}, "progress": False,
+              "seeds": [0, 1], "tune_seeds": 1,
+              "optimizers": {"adamw": {"optimizer": {"name": "adamw"}, "parametrization": "sp",
+                                       "lrs": [1e-3, 1e-2, 1e-1]}}}  # fmt: skip
+    spec = {"axis": "width", "values": [8, 16, 32, 64], "steps": 2,
+            "task": {"name": "mlp", "depth": 1}}  # fmt: skip
+    alone = []
+    for shard in ("0/2", "1/2"):
+        ran.clear()
+        ts.run_study("s", spec, {**config, "shard": shard}, tmp_path, {})
+        alone.append(set(ran))
+    assert alone[0] and alone[1] and not alone[0] & alone[1]  # disjoint, both non-empty
+    # passes of both shards over one shared set of cells until nothing is left run every cell
+    # of the unsharded study exactly once
+    cells, passes = {}, []
+    for _ in range(3):
+        ran.clear()
+        for shard in ("0/2", "1/2"):
+            ts.run_study("s", spec, {**config, "shard": shard}, tmp_path, cells)
+        passes.append(list(ran))
+    everything = [cell for p in passes for cell in p]
+    assert len(everything) == len(set(everything)) == 4 * (3 + 1)  # grid on seed 0, winner seed 1
+    assert passes[-1] == []
+    records = ts.run_study("s", spec, config, tmp_path, cells)
+    assert len(records) == 4 * 2 and {r["lr"] for r in records} == {1e-1}
+
+
+@pytest.mark.parametrize("bad", ["2/2", "1", "a/b", "-1/2", "0/0"])
+def test_bad_shard_is_one_line(bad):
+    from experiments import transfer_study as ts
+
+    with pytest.raises(ValueError, match="shard must be K/N"):
+        ts.parse_shard(bad)
