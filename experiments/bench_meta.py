@@ -106,6 +106,11 @@ def main(argv=None) -> int:
         ap.error("--widths, --steps, --inner-steps and --populations must be >= 1")
     torch.set_flush_denormal(True)
     if args.experiment:
+        defaults = ap.parse_args([])
+        ignored = [f"--{k.replace('_', '-')}" for k in ("widths", "architecture", "populations",
+                   "inner_steps") if getattr(args, k) != getattr(defaults, k)]  # fmt: skip
+        if ignored:
+            ap.error(f"--experiment sets the configuration itself; drop {', '.join(ignored)}")
         return bench_experiment(args.experiment, args.steps)
     print(
         f"# {platform.node()} | {_cpu_model()} | torch {torch.__version__} | "

@@ -64,6 +64,16 @@ def export(trainer: MetaTrainer, path: Path, name: str, meta_loss: float | None)
     )
 
 
+def export_during_run(trainer: MetaTrainer, path: Path, name: str, record: dict) -> None:
+    """:func:`export` for the snapshots taken while training: a file that cannot be written
+    (a full disk, weights outside the checked range) is a warning, never the end of the run;
+    the checkpoint, which is what resumes it, is written independently."""
+    try:
+        export(trainer, path, name, record["meta_loss"])
+    except (OSError, ValueError) as e:
+        print(f"warning: step {record['step']}: could not write {path}: {e}", file=sys.stderr)
+
+
 @one_line_errors
 def run(cfg: DictConfig) -> None:
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -106,12 +116,12 @@ def run(cfg: DictConfig) -> None:
             if meta.checkpoint_every and record["step"] % meta.checkpoint_every == 0:
                 # a loadable snapshot beside each checkpoint, so a long run's weights can be
                 # committed (and tried) while it progresses
-                export(trainer, out / "meta_weights.pt", config["name"], record["meta_loss"])
+                export_during_run(trainer, out / "meta_weights.pt", config["name"], record)
             if any(key.startswith("eval/") for key in record):
                 # the weights each held-out evaluation measured, kept (15 kB each): the best
                 # of a run is not always its last
                 path = out / "snapshots" / f"meta_weights_{record['step']:05d}.pt"
-                export(trainer, path, config["name"], record["meta_loss"])
+                export_during_run(trainer, path, config["name"], record)
             bar.update(record["step"] - bar.n)
 
     run_meta_training(trainer, str(checkpoint), log=on_record)

@@ -24,7 +24,7 @@ one-thread process per core:
     OMP_NUM_THREADS=1 python -m experiments.transfer_study shard=1/2; wait
 
 A tuned entry's winner is known only once its whole grid has run, so repeat the pair until no
-cell is left; the plain command then writes the full tables.
+cell is left; a shard writes no tables, the plain command (or ``run_missing=false``) does.
 """
 
 from __future__ import annotations
@@ -327,6 +327,8 @@ def run(cfg: DictConfig) -> Path:
         spec = config["study"][name]
         entries = study_entries(spec, config)
         records = run_study(name, spec, config, out, cells)
+        if shard is not None:  # another shard's cells are missing here: no partial tables
+            continue
         axis = spec["axis"]
         metric = "eval_bpb" if spec["task"]["name"] == "transformer" else "eval_accuracy"
         best = best_lr_runs(records, axis=axis)
@@ -338,7 +340,10 @@ def run(cfg: DictConfig) -> Path:
         print(f"\n{name}:\n{md}\n")
     print(f"cells: {out / 'cells.jsonl'} ({len(cells)} finished); tables and plots in {out}")
     if shard is not None:
-        print(f"shard {shard[0]}/{shard[1]}: ran only its own cells; the tables lack the others'")
+        print(
+            f"shard {shard[0]}/{shard[1]}: ran only its own cells and wrote no tables; "
+            "run_missing=false (or the plain command, once no cell is left) writes them"
+        )
     return out
 
 

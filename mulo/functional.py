@@ -533,7 +533,9 @@ def _buffer(workspace: Tensor | None, pop: int, k: int, chunk_shape, like: Tenso
     return workspace[:n].view(pop, k, *chunk_shape), workspace
 
 
-def features(meta: dict[str, Tensor], state: LOState, param: Tensor, grad: Tensor) -> Tensor:
+def features(
+    meta: dict[str, Tensor] | Prepared, state: LOState, param: Tensor, grad: Tensor
+) -> Tensor:
     """The literal features [P, F, *S] the network reads at this step: the 28 normalised
     channels, then the architecture's time inputs (F = 39 for v1, 41 for v2).
 
@@ -541,8 +543,9 @@ def features(meta: dict[str, Tensor], state: LOState, param: Tensor, grad: Tenso
     For tests and inspection; the step itself never materialises this tensor.
     """
     state = state.clone()
+    prep = prepare(meta)
     p, g = _at_least_1d(param), _at_least_1d(_sanitize(grad))
-    plan = _Plan(prepare(meta), state, p, g, chunk=p[0].numel())  # one chunk: the whole tensor
+    plan = _Plan(prep, state, p, g, chunk=p[0].numel())  # one chunk: the whole tensor
     _accumulate_and_measure_(plan, state, p, g)
     pc, gc, mvc, factors = _chunk_views(plan, state, p, g, 0, plan.shape[plan.chunk_dim])
     elem = torch.empty(plan.pop, len(plan.channels), *plan.shape, dtype=p.dtype, device=p.device)
@@ -555,7 +558,7 @@ def features(meta: dict[str, Tensor], state: LOState, param: Tensor, grad: Tenso
         out[:, list(MATRIX_COL_CHANNELS)] = _broadcast_channels(state.col).expand(full)
     mean_sq = out.square().flatten(2).mean(dim=2)
     out = out * _bcast(torch.rsqrt(1e-5 + mean_sq), len(plan.shape))
-    times = time_inputs(architecture(meta), state.t, state.horizon, p.dtype)
+    times = time_inputs(prep.arch, state.t, state.horizon, p.dtype)
     tf = _bcast(times, len(plan.shape)).expand(plan.pop, -1, *plan.shape)
     return torch.cat([out, tf], dim=1)
 
@@ -600,7 +603,7 @@ def _apply_normalised_(p: Tensor, raw: Tensor, dsq: Tensor, alpha: Tensor, numel
     """v2: p += alpha * raw / rms(d), per particle (dsq: sum of d^2 over the finite steps)."""
     inv_rms = torch.rsqrt(dsq / numel + V2_NORM_EPS).to(p.device, p.dtype)
     factor = alpha.to(p.device, p.dtype) * inv_rms
-    p.view(p.shape[0], -1).addcmul_(raw.view(p.shape[0], -1), factor[:, None])
+    p.addcmul_(raw.view(p.shape), factor.view(-1, *[1] * (p.dim() - 1)))  # any layout
 
 
 def _fused_step_(prep: Prepared, plan: _Plan, state: LOState, p, g, alpha, geo) -> None:

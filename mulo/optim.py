@@ -154,8 +154,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 _check_loaded_state(state, p, i)
 
     def _meta_for(self, p: Tensor) -> LF.Prepared:
-        key = (p.device, LF.compute_dtype(p.dtype))
+        # keyed by the meta-tensors' identities and versions too: ``opt.meta`` replaced or
+        # edited in place is prepared again, never mixed with the old copy
+        version = tuple((id(v), v._version) for v in self.meta.values())
+        key = (p.device, LF.compute_dtype(p.dtype), version)
         if key not in self._meta_cache:
+            if len(self._meta_cache) > 8:  # only stale entries can pile up
+                self._meta_cache.clear()
             self._meta_cache[key] = LF.prepare(
                 {k: v.to(device=key[0], dtype=key[1]).unsqueeze(0) for k, v in self.meta.items()}
             )

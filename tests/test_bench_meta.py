@@ -27,3 +27,10 @@ def test_unknown_experiment_is_one_line_and_exit_2(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown experiment 'nope'") and "\n" not in err
+
+
+def test_experiment_with_flags_it_would_ignore_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_meta.main(["--experiment", "mulo_v2", "--widths", "64"])
+    assert exc.value.code == 2
+    assert "drop --widths" in capsys.readouterr().err

@@ -65,3 +65,59 @@ def test_prepare_passes_a_prepared_one_through_and_converts_dtype():
     bias_unknown, sched_unknown = prep.timed(t, None)
     assert not torch.equal(bias_known, bias_unknown)
     assert not torch.equal(sched_known, sched_unknown)
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_v2_steps_a_non_contiguous_parameter_like_its_contiguous_copy(use_kernel, monkeypatch):
+    monkeypatch.setattr(LF, "USE_KERNEL", use_kernel)
+    gen = torch.Generator().manual_seed(3)
+    meta = LF.init_meta_params(population=2, generator=gen, architecture="small_fc_lopt_v2")
+    base = torch.randn(2, 5, 7, generator=gen)
+    grad = torch.randn(2, 7, 5, generator=gen)
+    strided = base.clone().transpose(1, 2)  # [2, 7, 5], not contiguous
+    dense = strided.contiguous()
+    assert not strided.is_contiguous()
+    for p in (strided, dense):
+        LF.lo_step_(meta, LF.init_state(p, 10.0), p, grad, scale=1.0, step_mult=0.01)
+    assert torch.equal(strided, dense) and not torch.equal(dense, base.transpose(1, 2))
+
+
+def test_the_optimizer_sees_its_meta_weights_edited_in_place():
+    import mulo
+    import parametrizations as P
+
+    def run(edit: bool):
+        torch.manual_seed(0)
+        model = P.mlp(6, 8, 2, 3)
+        opt = mulo.MuLO(model, meta_weights=LF.init_meta_params(architecture="small_fc_lopt_v2"))
+        x = torch.randn(4, 6)
+        for step in range(3):
+            if edit and step == 1:
+                with torch.no_grad():
+                    opt.meta["theta"].add_(0.1)  # prepared at step 0: must be prepared again
+            opt.zero_grad()
+            (model(x) - 1).square().sum().backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    def run_fresh():  # the edit made by hand before a fresh optimizer's second step
+        torch.manual_seed(0)
+        model = P.mlp(6, 8, 2, 3)
+        meta = LF.init_meta_params(architecture="small_fc_lopt_v2")
+        opt = mulo.MuLO(model, meta_weights=meta)
+        x = torch.randn(4, 6)
+        for step in range(3):
+            if step == 1:
+                state = opt.state_dict()
+                meta = {k: v.clone() for k, v in opt.meta.items()}
+                meta["theta"] = meta["theta"] + 0.1
+                opt = mulo.MuLO(model, meta_weights=meta)
+                opt.load_state_dict(state)
+            opt.zero_grad()
+            (model(x) - 1).square().sum().backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    edited, fresh, untouched = run(True), run_fresh(), run(False)
+    assert all(torch.equal(a, b) for a, b in zip(edited, fresh, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(edited, untouched, strict=True))
