@@ -24,11 +24,11 @@ import copy
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 import parametrizations as P
+from experiments._cli import CONFIG_DIR
 from mulo import functional as LF
 from mulo.meta.outer import MetaConfig, MetaTrainer
 from mulo.tasks import MLPPopulation
@@ -63,7 +63,7 @@ def experiment_config(name: str) -> MetaConfig:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    configs = Path(__file__).resolve().parents[1] / "configs"
+    configs = CONFIG_DIR
     if not (configs / "experiment" / f"{name}.yaml").exists():
         names = sorted(p.stem for p in (configs / "experiment").glob("*.yaml"))
         print(f"error: unknown experiment {name!r}; valid: {', '.join(names)}", file=sys.stderr)

@@ -91,7 +91,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.meta, self.provenance = self._load_meta(meta_weights)
         self.chunk_size = chunk_size
         self.foreach = bool(foreach)
-        self._meta_cache: dict[tuple, LF.Prepared] = {}
+        self._meta_cache: dict[tuple, tuple] = {}
 
     def _load_meta(self, meta_weights: MetaWeights) -> tuple[dict[str, Tensor], dict]:
         meta, provenance = _resolve_meta(meta_weights, self.parametrization)
@@ -154,17 +154,24 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 _check_loaded_state(state, p, i)
 
     def _meta_for(self, p: Tensor) -> LF.Prepared:
-        # keyed by the meta-tensors' identities and versions too: ``opt.meta`` replaced or
-        # edited in place is prepared again, never mixed with the old copy
-        version = tuple((id(v), v._version) for v in self.meta.values())
-        key = (p.device, LF.compute_dtype(p.dtype), version)
-        if key not in self._meta_cache:
-            if len(self._meta_cache) > 8:  # only stale entries can pile up
-                self._meta_cache.clear()
-            self._meta_cache[key] = LF.prepare(
+        # one entry per device and dtype, valid while ``opt.meta`` holds the same tensors at the
+        # same versions: replaced or edited in place, it is prepared again
+        key = (p.device, LF.compute_dtype(p.dtype))
+        sources = tuple(self.meta.values())
+        versions = tuple(v._version for v in sources)
+        cached = self._meta_cache.get(key)
+        fresh = (
+            cached is not None
+            and cached[1] == versions
+            and len(cached[0]) == len(sources)
+            and all(a is b for a, b in zip(cached[0], sources, strict=True))
+        )
+        if not fresh:
+            prepared = LF.prepare(
                 {k: v.to(device=key[0], dtype=key[1]).unsqueeze(0) for k, v in self.meta.items()}
             )
-        return self._meta_cache[key]
+            cached = self._meta_cache[key] = (sources, versions, prepared)
+        return cached[2]
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -368,7 +368,6 @@ class MetaTrainer:
         meta = unflatten_meta(self.theta.detach(), self.arch)
         if self.config.outer_optimizer == "self":  # the LO being trained, at its current θ
             self.optimizer.meta = {k: v.detach().cpu().clone() for k, v in meta.items()}
-            self.optimizer._meta_cache = {}
         for p, value, g in zip(
             self._outer_params, meta.values(), unflatten_meta(grad, self.arch).values(),
             strict=True,
